@@ -1,0 +1,50 @@
+# One entry point for people and CI. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# The export/dev extras need torch; the CPU build is enough for everything here.
+TORCH ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help venv setup setup-dev proto test test-all lint format demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(BIN)/python
+
+setup: venv  ## install the server and client (what `make demo` needs)
+	$(PIP) install -q -e ".[server]"
+
+setup-dev: venv  ## install everything: server, export (torch), test and lint tools
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+
+proto: ## regenerate the gRPC stubs from protos/ (needs setup-dev)
+	$(BIN)/python protos/generate.py
+
+demo: setup  ## the main job: start the server on the demo model, ingest, search, stop
+	$(BIN)/clipsearch demo
+
+test: setup-dev  ## install and run the default test suite
+	$(BIN)/python -m pytest -q
+
+lint: ## ruff + mypy (needs setup-dev)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup-dev  ## encoder benchmark (minutes; exports random ViT-B/32 on first use)
+	$(BIN)/clipsearch bench encoder
+
+clean:
+	rm -rf build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,103 @@
+"""Subcommands of the offline side: export, train-demo, demo-data.
+
+Only argparse here: handlers import torch/transformers when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    _register_export(commands)
+    _register_train_demo(commands)
+    _register_demo_data(commands)
+
+
+def _register_export(commands: Any) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "export",
+        help="turn a Hugging Face CLIP checkpoint into an ONNX model bundle",
+        description=(
+            "Export the text and vision towers of a Hugging Face CLIP checkpoint to ONNX, "
+            "with precision variants, tokenizer.json and manifest.json, and check parity "
+            "against PyTorch on fixed inputs. Exits non-zero, naming the tower, precision "
+            "and shortfall, when a variant misses its parity bar "
+            "(min cosine: fp32 0.9999, fp16 0.999, int8 0.99)."
+        ),
+    )
+    p.add_argument(
+        "checkpoint",
+        help="local directory of a CLIPModel checkpoint, or a hub id such as "
+        "openai/clip-vit-base-patch32 (where the hub is reachable)",
+    )
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument(
+        "--precision",
+        default="fp32,int8",
+        help="comma list of variants: fp32, fp16, int8 (default: fp32,int8)",
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--name", default="", help="model name in the manifest (default: derived)")
+    p.add_argument("--revision", default="", help="hub revision to export (default: main)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from clipsearch.client.cli import require
+
+    require("export", "torch", "transformers", "onnx")
+    from clipsearch.export.exporter import main
+
+    return main(args)
+
+
+def _register_train_demo(commands: Any) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "train-demo",
+        help="train the small demo CLIP from scratch and export it as a bundle",
+        description=(
+            "Train a small CLIP from scratch on generated shape scenes with English and "
+            "Chinese captions (deterministic with --seed), save it in Hugging Face CLIPModel "
+            "format, export it through 'clipsearch export', and record its held-out accuracy "
+            "in the manifest. Reproduces the committed demo model."
+        ),
+    )
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(handler=_run_train_demo)
+
+
+def _run_train_demo(args: argparse.Namespace) -> int:
+    from clipsearch.client.cli import require
+
+    require("export", "torch", "transformers", "onnx")
+    from clipsearch.export.train_demo import main
+
+    return main(args)
+
+
+def _register_demo_data(commands: Any) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "demo-data",
+        help="generate the demo gallery: JPEG shape scenes with English and Chinese captions",
+        description=(
+            "Write N deterministic JPEG scenes of one or two coloured shapes, with an English "
+            "and a Chinese caption each, plus manifest.csv and manifest.jsonl "
+            "(id, path, caption_en, caption_zh, shape, colour). Needs no torch."
+        ),
+    )
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(handler=_run_demo_data)
+
+
+def _run_demo_data(args: argparse.Namespace) -> int:
+    from clipsearch.client.cli import require
+
+    require("server", "PIL")
+    from clipsearch.export.demo_data import main
+
+    return main(args)

@@ -1,0 +1,191 @@
+"""The server's one settings object.
+
+Every field is, with the same name: a `clipsearch serve --flag-name` option, an environment
+variable `CLIPSEARCH_FLAG_NAME`, and a documented default (`clipsearch serve --help`, and the
+table in docs/SETTINGS.md, which a test keeps in sync). Precedence: flag > environment >
+default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from clipsearch.server.errors import ConfigurationError
+
+ENV_PREFIX = "CLIPSEARCH_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- network
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
+    port: int = _setting(50051, "port to listen on (0 picks a free one)")
+    max_message_mb: int = _setting(64, "largest gRPC message accepted or sent, MiB")
+    grace_period_s: float = _setting(10.0, "on SIGINT/SIGTERM, time given to calls in flight")
+    auth_token: str = _setting("", "if set, every call needs 'authorization: Bearer TOKEN'")
+
+    # --- model
+    model: str = _setting("", "model bundle directory (default: the committed demo model)")
+    precision: str = _setting(
+        "auto",
+        "precision variant: auto = int8 on CPU and fp16 on CUDA where the bundle has them, "
+        "else fp32",
+        ("auto", "fp32", "fp16", "int8"),
+    )
+    device: str = _setting(
+        "cpu", "execution providers in order of preference: cpu, cuda, tensorrt (comma list)"
+    )
+    allow_cpu_fallback: bool = _setting(
+        False, "run on CPU when an asked-for GPU provider is missing (else refuse to start)"
+    )
+    intra_op_threads: int = _setting(0, "ONNX Runtime threads per inference (0: one per core)")
+    graph_optimization: str = _setting(
+        "all", "ONNX Runtime graph optimization level", ("disable", "basic", "extended", "all")
+    )
+    warmup: bool = _setting(True, "run each tower at a few batch sizes before serving")
+
+    # --- batching
+    max_batch_size: int = _setting(32, "largest inference batch per tower")
+    max_wait_ms: float = _setting(5.0, "longest a batch waits for more items after its first")
+    max_queue: int = _setting(4096, "items queued per tower before RESOURCE_EXHAUSTED")
+    inference_workers: int = _setting(1, "batches run at once per tower (2+ helps on GPUs)")
+    preprocess_threads: int = _setting(0, "image decode threads (0: one per core, at most 8)")
+    bulk_max_wait_ms: float = _setting(
+        500.0, "bulk (ingest) items older than this are served like interactive ones"
+    )
+
+    # --- images
+    max_image_bytes: int = _setting(20 * 1024 * 1024, "largest encoded image accepted, bytes")
+    max_image_pixels: int = _setting(50_000_000, "largest image accepted, width x height")
+    fast_jpeg: bool = _setting(True, "decode large JPEGs at reduced size (DCT scaling)")
+
+    # --- store
+    milvus_uri: str = _setting(
+        "./clipsearch.db",
+        "a local path (Milvus Lite, embedded) or http://host:19530 (Milvus server/cluster)",
+    )
+    milvus_token: str = _setting("", "Milvus token or user:password (never logged)")
+    index_type: str = _setting(
+        "HNSW", "vector index of new collections", ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
+    )
+    metric: str = _setting("IP", "similarity of new collections", ("IP", "COSINE"))
+    index_params: str = _setting(
+        "", 'index build params as JSON, e.g. {"M": 16, "efConstruction": 200}'
+    )
+    search_params: str = _setting("", 'default search params as JSON, e.g. {"ef": 64}')
+    default_collection: str = _setting("images", "collection used when a call names none")
+
+    # --- ingest
+    ingest_window: int = _setting(128, "items of one ingest stream being processed at once")
+    ingest_write_batch: int = _setting(64, "items written to Milvus in one upsert")
+    ingest_write_wait_ms: float = _setting(20.0, "longest an encoded item waits for its upsert")
+
+    log_level: str = _setting("info", "logging level", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name}={getattr(self, f.name)!r} is not one of {choices}")
+        positive = (
+            "max_message_mb", "max_batch_size", "max_queue", "inference_workers",
+            "max_image_bytes", "max_image_pixels", "ingest_window", "ingest_write_batch",
+        )  # fmt: skip
+        problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
+        non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
+        problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
+        unknown = [p for p in self.providers if p not in ("cpu", "cuda", "tensorrt")]
+        if unknown or not self.providers:
+            problems.append(f"device={self.device!r}: use cpu, cuda, tensorrt (comma list)")
+        if problems:
+            raise ConfigurationError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(p.strip().lower() for p in self.device.split(",") if p.strip())
+
+    @property
+    def uses_milvus_lite(self) -> bool:
+        return "://" not in self.milvus_uri
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    # --- sources -----------------------------------------------------------------------
+
+    @classmethod
+    def env_name(cls, name: str) -> str:
+        return ENV_PREFIX + name.upper()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(cls.env_name(f.name))
+            if raw is not None:
+                values[f.name] = _parse(f.name, f.default, raw, source=cls.env_name(f.name))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f"{f.metadata['help']} [env {cls.env_name(f.name)}, default {f.default!r}]"
+            if isinstance(f.default, bool):
+                parser.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+            else:
+                parser.add_argument(
+                    flag,
+                    type=type(f.default),
+                    default=None,
+                    choices=f.metadata.get("choices"),
+                    help=help_text,
+                    metavar=f.name.upper() if not f.metadata.get("choices") else None,
+                )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        given = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        return cls.from_env(env, **given)
+
+    @classmethod
+    def documentation(cls) -> str:
+        """The Markdown table of docs/SETTINGS.md."""
+        lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            default = repr(f.default)
+            lines.append(
+                f"| `--{f.name.replace('_', '-')}` | `{cls.env_name(f.name)}` | `{default}` "
+                f"| {f.metadata['help']} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _parse(name: str, default: Any, raw: str, source: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        return type(default)(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{source}={raw!r} is not a valid {name}: {exc}") from None

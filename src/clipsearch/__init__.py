@@ -1,0 +1,8 @@
+"""clipsearch: gRPC text-to-image search with CLIP on ONNX Runtime and Milvus."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("clipsearch")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

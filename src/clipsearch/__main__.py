@@ -1,0 +1,5 @@
+import sys
+
+from clipsearch.client.cli import main
+
+sys.exit(main())
