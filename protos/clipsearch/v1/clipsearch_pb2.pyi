@@ -127,14 +127,18 @@ class Embedding(_message.Message):
     def __init__(self, vector: _Optional[_Union[Vector, _Mapping]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("embeddings", "request_id", "timing")
+    __slots__ = ("embeddings", "request_id", "error", "error_code", "timing")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     request_id: int
+    error: str
+    error_code: int
     timing: Timing
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[int] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("collection", "text", "image", "vector", "like_id", "target", "top_k", "offset", "filter", "output_fields", "search_params")

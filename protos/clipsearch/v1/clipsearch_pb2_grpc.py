@@ -109,7 +109,8 @@ class ClipSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EncodeStream(self, request_iterator, context):
-        """Many Encode requests over one stream; responses come back in request order.
+        """Many Encode requests over one stream; responses come back in request order, and a
+        failed request is answered with an error response rather than ending the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
