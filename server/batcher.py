@@ -265,8 +265,12 @@ class Batcher(Generic[P, R]):
                     )
             except BaseException as exc:
                 self.stats.failed_batches += 1
-                error = exc if isinstance(exc, ClipsearchError) else InferenceError(
-                    f"{self.name} inference failed: {type(exc).__name__}: {exc}"
+                error = (
+                    exc
+                    if isinstance(exc, ClipsearchError)
+                    else InferenceError(
+                        f"{self.name} inference failed: {type(exc).__name__}: {exc}"
+                    )
                 )
                 if not isinstance(exc, ClipsearchError | asyncio.CancelledError):
                     log.error("%s batch of %d failed", self.name, len(live), exc_info=exc)

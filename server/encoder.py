@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import onnxruntime as ort
 
 from clipsearch.server.bundle import Bundle, Manifest
 from clipsearch.server.errors import BundleError, ConfigurationError, ProviderUnavailable
@@ -22,8 +23,6 @@ from clipsearch.server.text import TextTokenizer
 from clipsearch.server.vectors import l2_normalize
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
-
     from clipsearch.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,8 +118,6 @@ def resolve_providers(
 
 class OnnxEncoder:
     def __init__(self, bundle: Bundle, options: EncoderOptions | None = None) -> None:
-        import onnxruntime as ort
-
         self.options = options = options or EncoderOptions()
         if options.graph_optimization not in _OPTIMIZATION_LEVELS:
             raise ConfigurationError(f"unknown graph optimization {options.graph_optimization}")
@@ -153,8 +150,6 @@ class OnnxEncoder:
             self.warmup()
 
     def _open(self, path: os.PathLike[str], providers: list[str]) -> ort.InferenceSession:
-        import onnxruntime as ort
-
         so = ort.SessionOptions()
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -66,7 +66,9 @@ class Encoded:
     timing: StageTiming
 
 
-def _collect(results: Sequence[BatchResult[np.ndarray]], dim: int) -> tuple[np.ndarray, StageTiming]:
+def _collect(
+    results: Sequence[BatchResult[np.ndarray]], dim: int
+) -> tuple[np.ndarray, StageTiming]:
     if not results:
         return np.zeros((0, dim), np.float32), StageTiming()
     vectors = np.stack([r.value for r in results])

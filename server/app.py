@@ -1,0 +1,234 @@
+"""Assembling and running the server.
+
+Start-up binds the port first and answers health checks NOT_SERVING while the model loads
+and warms up (so orchestrators see a live but unready process), then SERVING. On SIGINT or
+SIGTERM health goes NOT_SERVING, calls in flight get `grace_period_s` to finish, then the
+batchers, writers and store close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clipsearch.server.async_store import AsyncStore
+from clipsearch.server.bundle import default_bundle_path, load_bundle
+from clipsearch.server.catalog import Catalog
+from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
+from clipsearch.server.ingest import CollectionWriters
+from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor
+from clipsearch.server.pipeline import EncodingPipeline
+from clipsearch.server.search import Searcher
+from clipsearch.server.service import ClipSearchService, Runtime
+from clipsearch.server.settings import Settings
+from clipsearch.server.store import MilvusStore, VectorStore
+from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+log = logging.getLogger("clipsearch.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClipSearch"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def info_message(encoder: OnnxEncoder, settings: Settings) -> pb.InfoResponse:
+    manifest = encoder.manifest
+    return pb.InfoResponse(
+        model_name=manifest.name,
+        model_family=manifest.family,
+        source_checkpoint=manifest.source,
+        dim=manifest.dim,
+        context_length=manifest.text.context_length,
+        image_size=manifest.vision.image_size,
+        text=pb.TowerInfo(
+            precision=encoder.precision,
+            providers=encoder.text_providers,
+            max_batch_size=settings.max_batch_size,
+        ),
+        vision=pb.TowerInfo(
+            precision=encoder.precision,
+            providers=encoder.vision_providers,
+            max_batch_size=settings.max_batch_size,
+        ),
+        version=_version("clipsearch"),
+        versions={
+            name: _version(name)
+            for name in ("onnxruntime", "pymilvus", "milvus-lite", "grpcio", "tokenizers")
+        },
+        store="milvus-lite" if settings.uses_milvus_lite else "milvus",
+        model_id=manifest.model_id,
+    )
+
+
+@dataclass
+class Components:
+    """Factories for the heavy parts, replaceable in tests."""
+
+    encoder: Callable[[Settings], OnnxEncoder]
+    store: Callable[[Settings], VectorStore]
+
+
+def default_components() -> Components:
+    def encoder(settings: Settings) -> OnnxEncoder:
+        bundle = load_bundle(settings.model or default_bundle_path())
+        return OnnxEncoder(bundle, EncoderOptions.from_settings(settings))
+
+    return Components(encoder=encoder, store=MilvusStore.from_settings)
+
+
+class ClipSearchServer:
+    def __init__(self, settings: Settings, components: Components | None = None) -> None:
+        self.settings = settings
+        self.components = components or default_components()
+        self.service = ClipSearchService(settings)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.startup_error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._warm_task: asyncio.Task[None] | None = None
+        interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor()]
+        if settings.auth_token:
+            interceptors.insert(0, AuthInterceptor(settings.auth_token))
+        max_bytes = settings.max_message_mb * 1024 * 1024
+        self.grpc_server = aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and start answering (health NOT_SERVING); warm up in the background."""
+        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, NOT_SERVING)
+        self.port = self.grpc_server.add_insecure_port(
+            f"{self.settings.host}:{self.settings.port}"
+        )
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
+        await self.grpc_server.start()
+        log.info("listening on %s; loading the model", self.address)
+        self._warm_task = asyncio.create_task(self._warm_up())
+        return self.port
+
+    async def _warm_up(self) -> None:
+        settings = self.settings
+        try:
+            encoder = await asyncio.to_thread(self.components.encoder, settings)
+            store = AsyncStore(await asyncio.to_thread(self.components.store, settings))
+            pipeline = EncodingPipeline.from_settings(encoder, settings)
+            await pipeline.start()
+            self.service.runtime = Runtime(
+                settings=settings,
+                pipeline=pipeline,
+                store=store,
+                catalog=Catalog(store, encoder.manifest.model_id, encoder.dim),
+                searcher=Searcher(pipeline, store),
+                writers=CollectionWriters(
+                    store.store,
+                    batch=settings.ingest_write_batch,
+                    wait_ms=settings.ingest_write_wait_ms,
+                    max_queue=settings.max_queue,
+                ),
+                info=info_message(encoder, settings),
+            )
+        except BaseException as exc:
+            self.startup_error = exc
+            log.error("start-up failed: %s", exc, exc_info=not isinstance(exc, Exception))
+            self._ready.set()
+            return
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, SERVING)
+        log.info(
+            "serving %s on %s (%s, text on %s)",
+            encoder.manifest.name,
+            self.address,
+            encoder.precision,
+            encoder.text_providers[0],
+        )
+        self._ready.set()
+
+    async def wait_ready(self) -> None:
+        """Wait until SERVING; raises the start-up error if warming up failed."""
+        await self._ready.wait()
+        if self.startup_error is not None:
+            raise self.startup_error
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self.grpc_server.stop(grace)
+        if self._warm_task is not None and not self._warm_task.done():
+            self._warm_task.cancel()
+            await asyncio.gather(self._warm_task, return_exceptions=True)
+        runtime, self.service.runtime = self.service.runtime, None
+        if runtime is not None:
+            await runtime.writers.close()
+            await runtime.pipeline.close()
+            await runtime.store.close()
+        log.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pymilvus logs every failed RPC with a traceback at ERROR; our errors say enough.
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+
+
+async def serve(settings: Settings, ready_file: Path | None = None) -> int:
+    """Run until SIGINT/SIGTERM; returns the process exit code."""
+    server = ClipSearchServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.create_task(server.wait_ready())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        await server.stop(grace=0)
+        return 1
+    if ready.done() and ready_file is not None:
+        await asyncio.to_thread(ready_file.write_text, server.address + "\n", "utf-8")
+    await stopping
+    ready.cancel()
+    log.info("shutting down (grace %.1fs)", settings.grace_period_s)
+    await server.stop()
+    return 0

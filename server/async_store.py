@@ -1,0 +1,94 @@
+"""The vector store, callable from the event loop.
+
+pymilvus is synchronous: every call runs in a small dedicated thread pool, which also bounds
+how many requests hit Milvus at once. Each call returns its result and the microseconds it
+took, for the Timing of the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from clipsearch.server.store import CollectionInfo, StoredItem, StoreHit, Target, VectorStore
+
+T = TypeVar("T")
+
+
+class AsyncStore:
+    def __init__(self, store: VectorStore, threads: int = 4) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="store")
+
+    async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, int]:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        result = await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        return result, int((time.perf_counter() - started) * 1e6)
+
+    async def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        target: Target,
+        top_k: int,
+        *,
+        offset: int = 0,
+        filter: str = "",
+        output_fields: Sequence[str] = (),
+        params: Mapping[str, float] | None = None,
+        exclude_ids: Sequence[str] = (),
+    ) -> tuple[list[StoreHit], int]:
+        return await self._call(
+            self.store.search,
+            collection,
+            vector,
+            target,
+            top_k,
+            offset=offset,
+            filter=filter,
+            output_fields=output_fields,
+            params=params,
+            exclude_ids=exclude_ids,
+        )
+
+    async def get(
+        self, collection: str, ids: Sequence[str], include_vectors: bool = False
+    ) -> tuple[list[StoredItem], int]:
+        return await self._call(self.store.get, collection, ids, include_vectors=include_vectors)
+
+    async def existing_ids(self, collection: str, ids: Sequence[str]) -> tuple[set[str], int]:
+        return await self._call(self.store.existing_ids, collection, ids)
+
+    async def upsert(self, collection: str, items: Sequence[StoredItem]) -> tuple[None, int]:
+        return await self._call(self.store.upsert, collection, items)
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> tuple[int, int]:
+        return await self._call(self.store.delete, collection, ids)
+
+    async def count(self, collection: str, filter: str = "") -> tuple[int, int]:
+        return await self._call(self.store.count, collection, filter)
+
+    async def describe(self, collection: str) -> tuple[CollectionInfo, int]:
+        return await self._call(self.store.describe, collection)
+
+    async def create_collection(
+        self, name: str, dim: int, model_id: str, exist_ok: bool = False
+    ) -> tuple[bool, int]:
+        return await self._call(self.store.create_collection, name, dim, model_id, exist_ok)
+
+    async def drop_collection(self, name: str) -> tuple[None, int]:
+        return await self._call(self.store.drop_collection, name)
+
+    async def list_collections(self) -> tuple[list[CollectionInfo], int]:
+        return await self._call(self.store.list_collections)
+
+    async def close(self) -> None:
+        await self._call(self.store.close)
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,139 @@
+"""The one translation from domain errors to gRPC statuses, and the catch-all around it.
+
+Every RPC handler runs inside `ErrorInterceptor`: a `ClipsearchError` becomes its status code
+with its message; anything else is logged with its traceback under a short reference and the
+client gets INTERNAL with that reference — never the traceback. No request can kill the
+server. `AuthInterceptor` checks a bearer token when one is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from clipsearch.server.errors import ClipsearchError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
+    code: grpc.StatusCode[code.name] for code in ErrorCode
+}
+
+# Probes and tooling must work without credentials.
+UNAUTHENTICATED_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception."""
+    if isinstance(exc, ClipsearchError):
+        return STATUS_OF[exc.code], str(exc) or type(exc).__name__
+    reference = uuid.uuid4().hex[:12]
+    log.error("unexpected error (ref %s)", reference, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (ref {reference}); the server log has details"
+
+
+async def _abort(context: aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    code, message = status_of(exc)
+    if isinstance(exc, ClipsearchError):
+        log.info("%s -> %s: %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+    async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+            return None
+
+    return handler
+
+
+def _wrap_streaming(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+    async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+
+    return handler
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Any], Any]) -> grpc.RpcMethodHandler:
+    common = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **common)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **common)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **common)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **common)
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.response_streaming:
+            return _rewrap(handler, lambda b: _wrap_streaming(b, method))
+        return _rewrap(handler, lambda b: _wrap_unary(b, method))
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call but health and reflection."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method.startswith(UNAUTHENTICATED_METHODS):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        deny = _deny_stream if handler.response_streaming else _deny_unary
+        return _rewrap(handler, lambda _: deny)
+
+
+async def _deny_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+
+async def _deny_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    yield None  # pragma: no cover - abort raises

@@ -1,0 +1,343 @@
+"""The ClipSearch gRPC service: protos in, domain calls, protos out.
+
+Handlers stay thin: validation and the work itself live in search.py, ingest.py, the
+pipeline and the store; errors are raised as domain errors and become status codes in the
+ErrorInterceptor. Until the model is warm every call answers UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from grpc import aio
+
+from clipsearch.server.async_store import AsyncStore
+from clipsearch.server.catalog import Catalog
+from clipsearch.server.errors import InvalidInput, Unavailable
+from clipsearch.server.ingest import CollectionWriters, IngestSession
+from clipsearch.server.interceptors import status_of
+from clipsearch.server.pipeline import Encoded, EncodingPipeline, StageTiming
+from clipsearch.server.search import Searcher, SearchQuery, SearchTarget
+from clipsearch.server.settings import Settings
+from clipsearch.server.store import StoredItem
+from clipsearch.server.vectors import from_bytes, to_bytes
+from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+Context = aio.ServicerContext[Any, Any]
+
+ENCODE_STREAM_WINDOW = 32
+TARGETS = {
+    pb.TARGET_UNSPECIFIED: SearchTarget.IMAGE,
+    pb.TARGET_IMAGE: SearchTarget.IMAGE,
+    pb.TARGET_CAPTION: SearchTarget.CAPTION,
+    pb.TARGET_BOTH: SearchTarget.BOTH,
+}
+
+
+@dataclass
+class Runtime:
+    """Everything a warm server needs to answer calls."""
+
+    settings: Settings
+    pipeline: EncodingPipeline
+    store: AsyncStore
+    catalog: Catalog
+    searcher: Searcher
+    writers: CollectionWriters
+    info: pb.InfoResponse
+
+    @property
+    def dim(self) -> int:
+        return self.pipeline.dim
+
+
+def deadline_of(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def make_timing(started: float, stage: StageTiming | None = None, search_us: int = 0) -> pb.Timing:
+    stage = stage or StageTiming()
+    return pb.Timing(
+        queue_us=stage.queue_us,
+        preprocess_us=stage.preprocess_us,
+        inference_us=stage.inference_us,
+        search_us=search_us,
+        total_us=int((time.perf_counter() - started) * 1e6),
+        batch_size=stage.batch_size,
+    )
+
+
+def metadata_json(metadata: dict[str, Any]) -> str:
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) if metadata else ""
+
+
+def item_message(item: StoredItem) -> pb.Item:
+    message = pb.Item(
+        id=item.id, uri=item.uri, caption=item.caption, metadata_json=metadata_json(item.metadata)
+    )
+    if item.image_vector is not None:
+        message.image_vector.data = to_bytes(item.image_vector)
+    if item.caption_vector is not None:
+        message.caption_vector.data = to_bytes(item.caption_vector)
+    return message
+
+
+class ClipSearchService(pb_grpc.ClipSearchServicer):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Runtime | None = None
+
+    def _ready(self) -> Runtime:
+        if self.runtime is None:
+            raise Unavailable("the server is starting: the model is warming up; retry shortly")
+        return self.runtime
+
+    def _collection(self, name: str) -> str:
+        return name or self.settings.default_collection
+
+    # --- model ---------------------------------------------------------------------------
+
+    async def Info(self, request: pb.InfoRequest, context: Context) -> pb.InfoResponse:
+        started = time.perf_counter()
+        response = pb.InfoResponse()
+        response.CopyFrom(self._ready().info)
+        response.timing.CopyFrom(make_timing(started))
+        return response
+
+    async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
+        return await self._encode(self._ready(), request, deadline_of(context))
+
+    async def _encode(
+        self, rt: Runtime, request: pb.EncodeRequest, deadline: float | None
+    ) -> pb.EncodeResponse:
+        started = time.perf_counter()
+        if not request.inputs:
+            raise InvalidInput("no inputs: send texts and/or images")
+        texts: list[tuple[int, str]] = []
+        images: list[tuple[int, bytes]] = []
+        for index, item in enumerate(request.inputs):
+            kind = item.WhichOneof("input")
+            if kind == "text":
+                texts.append((index, item.text))
+            elif kind == "image":
+                if not item.image:
+                    raise InvalidInput(f"input {index}: the image is empty (0 bytes)")
+                images.append((index, item.image))
+            else:
+                raise InvalidInput(f"input {index} has neither text nor image")
+        groups: list[tuple[list[int], Awaitable[Encoded]]] = []
+        if texts:
+            groups.append(
+                (
+                    [i for i, _ in texts],
+                    rt.pipeline.encode_texts([t for _, t in texts], deadline=deadline),
+                )
+            )
+        if images:
+            groups.append(
+                (
+                    [i for i, _ in images],
+                    rt.pipeline.encode_images([b for _, b in images], deadline=deadline),
+                )
+            )
+        results = await asyncio.gather(*(job for _, job in groups))
+        response = pb.EncodeResponse(request_id=request.request_id)
+        embeddings: list[pb.Embedding | None] = [None] * len(request.inputs)
+        stage = StageTiming()
+        for (positions, _), encoded in zip(groups, results, strict=True):
+            stage = stage.combine(encoded.timing)
+            for position, vector, truncated in zip(
+                positions, encoded.vectors, encoded.truncated, strict=True
+            ):
+                embeddings[position] = pb.Embedding(
+                    vector=pb.Vector(data=to_bytes(vector)), truncated=truncated
+                )
+        response.embeddings.extend(e for e in embeddings if e is not None)
+        response.timing.CopyFrom(make_timing(started, stage))
+        return response
+
+    async def EncodeStream(
+        self, request_iterator: AsyncIterator[pb.EncodeRequest], context: Context
+    ) -> AsyncIterator[pb.EncodeResponse]:
+        rt = self._ready()
+        deadline = deadline_of(context)
+        pending: asyncio.Queue[asyncio.Task[pb.EncodeResponse] | None] = asyncio.Queue(
+            ENCODE_STREAM_WINDOW
+        )
+
+        async def answer(request: pb.EncodeRequest) -> pb.EncodeResponse:
+            try:
+                return await self._encode(rt, request, deadline)
+            except Exception as exc:  # one failed request must not end the stream
+                code, message = status_of(exc)
+                return pb.EncodeResponse(
+                    request_id=request.request_id, error=message, error_code=code.value[0]
+                )
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await pending.put(asyncio.create_task(answer(request)))
+            await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    # --- search --------------------------------------------------------------------------
+
+    async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        collection = self._collection(request.collection)
+        catalog_us = await rt.catalog.guarded(collection)
+        kind = request.WhichOneof("query")
+        query = SearchQuery(
+            collection=collection,
+            text=request.text if kind == "text" else None,
+            image=request.image if kind == "image" else None,
+            vector=from_bytes(request.vector.data, rt.dim, "query vector")
+            if kind == "vector"
+            else None,
+            like_id=request.like_id if kind == "like_id" else None,
+            target=TARGETS.get(request.target, SearchTarget.IMAGE),
+            top_k=request.top_k or 10,
+            offset=request.offset,
+            filter=request.filter,
+            output_fields=tuple(request.output_fields),
+            params=dict(request.search_params),
+        )
+        if request.target not in TARGETS:
+            raise InvalidInput(f"unknown target {request.target}")
+        outcome = await rt.searcher.search(query, deadline_of(context))
+        response = pb.SearchResponse(query_truncated=outcome.query_truncated)
+        for hit in outcome.hits:
+            response.hits.add(
+                id=hit.id,
+                score=hit.score,
+                uri=hit.uri,
+                caption=hit.caption,
+                metadata_json=metadata_json(hit.metadata),
+            )
+        response.timing.CopyFrom(
+            make_timing(started, outcome.encoding, outcome.search_us + catalog_us)
+        )
+        return response
+
+    # --- ingest --------------------------------------------------------------------------
+
+    async def Ingest(
+        self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context
+    ) -> AsyncIterator[pb.IngestAck]:
+        rt = self._ready()
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if first.WhichOneof("message") != "options":
+            raise InvalidInput("the first Ingest message must carry IngestOptions")
+        options = first.options
+        options.collection = self._collection(options.collection)
+        if options.create_collection:
+            await rt.catalog.create(options.collection, exist_ok=True)
+        else:
+            await rt.catalog.guarded(options.collection)
+        session = IngestSession(
+            rt.pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
+        )
+        async for ack in session.run(request_iterator):
+            yield ack
+
+    # --- items ---------------------------------------------------------------------------
+
+    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        collection = self._collection(request.collection)
+        if not request.ids:
+            raise InvalidInput("no ids given")
+        store_us = await rt.catalog.guarded(collection)
+        items, get_us = await rt.store.get(collection, list(request.ids), request.include_vectors)
+        found = {item.id for item in items}
+        response = pb.GetResponse(
+            items=[item_message(item) for item in items],
+            missing_ids=[i for i in dict.fromkeys(request.ids) if i not in found],
+        )
+        response.timing.CopyFrom(make_timing(started, search_us=store_us + get_us))
+        return response
+
+    async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        collection = self._collection(request.collection)
+        if not request.ids:
+            raise InvalidInput("no ids given")
+        store_us = await rt.catalog.guarded(collection)
+        deleted, delete_us = await rt.store.delete(collection, list(request.ids))
+        response = pb.DeleteResponse(deleted=deleted)
+        response.timing.CopyFrom(make_timing(started, search_us=store_us + delete_us))
+        return response
+
+    async def Count(self, request: pb.CountRequest, context: Context) -> pb.CountResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        collection = self._collection(request.collection)
+        store_us = await rt.catalog.guarded(collection)
+        count, count_us = await rt.store.count(collection, request.filter)
+        response = pb.CountResponse(count=count)
+        response.timing.CopyFrom(make_timing(started, search_us=store_us + count_us))
+        return response
+
+    # --- collections ---------------------------------------------------------------------
+
+    async def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: Context
+    ) -> pb.CreateCollectionResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        if not request.name:
+            raise InvalidInput("a collection name is required")
+        created, store_us = await rt.catalog.create(request.name, request.exist_ok)
+        response = pb.CreateCollectionResponse(created=created)
+        response.timing.CopyFrom(make_timing(started, search_us=store_us))
+        return response
+
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: Context
+    ) -> pb.ListCollectionsResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        infos, store_us = await rt.store.list_collections()
+        response = pb.ListCollectionsResponse(
+            collections=[
+                pb.CollectionInfo(name=i.name, count=i.count, dim=i.dim, model_id=i.model_id)
+                for i in infos
+            ]
+        )
+        response.timing.CopyFrom(make_timing(started, search_us=store_us))
+        return response
+
+    async def DropCollection(
+        self, request: pb.DropCollectionRequest, context: Context
+    ) -> pb.DropCollectionResponse:
+        rt = self._ready()
+        started = time.perf_counter()
+        if not request.name:
+            raise InvalidInput("a collection name is required")
+        store_us = await rt.catalog.drop(request.name)
+        response = pb.DropCollectionResponse()
+        response.timing.CopyFrom(make_timing(started, search_us=store_us))
+        return response
