@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "clipsearch.export.commands",
     "clipsearch.server.commands",
     "clipsearch.client.commands",
+    "clipsearch.demo.commands",
     "clipsearch.bench.commands",
 )
 
