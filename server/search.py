@@ -19,14 +19,13 @@ import numpy as np
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.errors import InvalidInput, NotFound
 from clipsearch.server.pipeline import EncodingPipeline, StageTiming
-from clipsearch.server.store import StoreHit, Target
+from clipsearch.server.store import OUTPUT_FIELDS, StoreHit, Target
 from clipsearch.server.vectors import l2_normalize
 
 RRF_K = 60
 MAX_TOP_K = 1000
 # Milvus refuses offset + limit above 16384.
 MAX_WINDOW = 16384
-OUTPUT_FIELDS = ("uri", "caption", "metadata")
 
 
 class SearchTarget(enum.Enum):

@@ -1,0 +1,315 @@
+"""`clipsearch bench encoder`: the encoder's speed, in ratios measured in one run.
+
+For each model (random-weight ViT-B/32 exported through `clipsearch export`, and the demo
+model): torch eager fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8, vision and text, at
+batch 1 / 8 / 32; the batcher under 1 / 8 / 32 concurrent single-image requests vs the raw
+session's best batch; JPEG bytes -> vectors vs ready tensors -> vectors. Shared machines are
+noisy, so the figures that matter are ratios between runs made side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPModel
+
+from clipsearch.export.exporter import export_bundle
+from clipsearch.export.tokenizers import make_random_clip_checkpoint
+from clipsearch.server.batcher import Priority
+from clipsearch.server.bundle import Bundle, default_bundle_path, load_bundle
+from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
+from clipsearch.server.pipeline import EncodingPipeline
+
+BATCH_SIZES = (1, 8, 32)
+CONCURRENCY = (1, 8, 32)
+QUERIES = (
+    "a photo of a dog",
+    "a red car parked on a quiet street at night",
+    "two people walking on the beach",
+    "a bowl of noodles with chopsticks",
+    "红色的圆形",
+    "a diagram of a neural network with many layers and arrows",
+    "sunset",
+    "an orange cat sleeping on a laptop keyboard",
+)
+TARGETS = {
+    "ort_fp32_vs_torch_b1": 1.2,
+    "ort_int8_vs_torch_b32": 3.5,
+    "int8_min_cosine": 0.99,
+    "batcher_vs_raw_c32": 0.9,
+    "jpeg_vs_tensor": 0.9,
+}
+
+
+@dataclass
+class ModelReport:
+    name: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def measure(fn: Callable[[], object], items: int, min_seconds: float) -> tuple[float, float]:
+    """items/s and median ms per call, after one warm-up call."""
+    fn()
+    times: list[float] = []
+    spent = 0.0
+    while spent < min_seconds or len(times) < 3:
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+        spent += times[-1]
+    median = statistics.median(times)
+    return items / median, median * 1000
+
+
+def synthetic_photo(width: int, height: int, seed: int) -> bytes:
+    """A JPEG with photo-like content (gradients, shapes, noise), the cost of a real one."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [128 + 100 * np.sin(x / (37 + 11 * c) + seed) * np.cos(y / (53 + 7 * c)) for c in range(3)],
+        axis=-1,
+    )
+    noisy = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
+
+
+def ensure_vitb32(work_dir: Path) -> tuple[Path, Path]:
+    """Random-weight ViT-B/32 as an HF checkpoint and as a bundle (fp32 + int8), cached."""
+    checkpoint = work_dir / "vit-b-32-random"
+    bundle = work_dir / "vit-b-32-random-bundle"
+    if not (checkpoint / "config.json").exists():
+        print(
+            f"bench: creating a random-weight ViT-B/32 checkpoint in {checkpoint}", file=sys.stderr
+        )
+        make_random_clip_checkpoint(checkpoint)
+    if not (bundle / "manifest.json").exists():
+        print("bench: exporting it with clipsearch export (fp32, int8)", file=sys.stderr)
+        export_bundle(checkpoint, bundle, ("fp32", "int8"), name="vit-b-32-random")
+    return checkpoint, bundle
+
+
+def torch_towers(
+    checkpoint: Path,
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    model = CLIPModel.from_pretrained(checkpoint).eval()
+
+    def vision(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model.get_image_features(pixel_values=torch.from_numpy(pixels))
+        return np.asarray(getattr(out, "pooler_output", out))
+
+    def text(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model.get_text_features(input_ids=torch.from_numpy(ids))
+        return np.asarray(getattr(out, "pooler_output", out))
+
+    return vision, text
+
+
+def bench_model(
+    name: str, bundle: Bundle, checkpoint: Path | None, seconds: float, pipeline_items: int
+) -> ModelReport:
+    report = ModelReport(name)
+    size = bundle.manifest.vision.image_size
+    rng = np.random.default_rng(0)
+    encoders = {
+        precision: OnnxEncoder(bundle, EncoderOptions(precision=precision, warmup=False))
+        for precision in ("fp32", "int8")
+        if precision in bundle.manifest.variants
+    }
+    fp32 = encoders["fp32"]
+    torch_vision = torch_text = None
+    if checkpoint is not None:
+        torch_vision, torch_text = torch_towers(checkpoint)
+
+    rates: dict[tuple[str, str, int], float] = {}
+    for batch in BATCH_SIZES:
+        pixels = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        texts = [QUERIES[i % len(QUERIES)] for i in range(batch)]
+        feeds = fp32.tokenizer.pad(fp32.tokenizer.tokenize(texts))
+        runners: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
+        if torch_vision is not None and torch_text is not None:
+            runners["torch fp32"] = (
+                functools.partial(torch_vision, pixels),
+                functools.partial(torch_text, feeds["input_ids"]),
+            )
+        for precision, encoder in encoders.items():
+            runners[f"ort {precision}"] = (
+                functools.partial(encoder.run_vision, pixels),
+                functools.partial(encoder.run_text, feeds),
+            )
+        for runner, (vision, text) in runners.items():
+            for tower, fn in (("vision", vision), ("text", text)):
+                per_s, ms = measure(fn, batch, seconds)
+                rates[(runner, tower, batch)] = per_s
+                report.rows.append(
+                    {
+                        "runner": runner,
+                        "tower": tower,
+                        "batch": batch,
+                        "items_per_s": per_s,
+                        "ms": ms,
+                    }
+                )
+                print(
+                    f"  {name:>18} {runner:>10} {tower:>6} b{batch:<3} {per_s:8.1f}/s {ms:8.2f} ms",
+                    file=sys.stderr,
+                )
+
+    if checkpoint is not None:
+        report.ratios["ort_fp32_vs_torch_b1"] = min(
+            rates[("ort fp32", t, 1)] / rates[("torch fp32", t, 1)] for t in ("vision", "text")
+        )
+        if "int8" in encoders:
+            report.ratios["ort_int8_vs_torch_b32"] = min(
+                rates[("ort int8", t, 32)] / rates[("torch fp32", t, 32)]
+                for t in ("vision", "text")
+            )
+    if "int8" in encoders:
+        report.ratios["int8_min_cosine"] = int8_min_cosine(encoders["fp32"], encoders["int8"], size)
+
+    serving = encoders.get("int8", fp32)
+    raw_best = max(
+        rates[(f"ort {'int8' if 'int8' in encoders else 'fp32'}", "vision", b)] for b in BATCH_SIZES
+    )
+    photos = [synthetic_photo(640, 480, seed) for seed in range(16)]
+    pipeline_rates = asyncio.run(
+        bench_pipeline(
+            serving, photos=photos, size=size, items=pipeline_items, report=report, name=name
+        )
+    )
+    report.ratios["batcher_vs_raw_c32"] = pipeline_rates["tensor", 32] / raw_best
+    report.ratios["jpeg_vs_tensor"] = pipeline_rates["jpeg", 32] / pipeline_rates["tensor", 32]
+    report.ratios["raw_best_batch_items_per_s"] = raw_best
+    return report
+
+
+def int8_min_cosine(fp32: OnnxEncoder, int8: OnnxEncoder, size: int) -> float:
+    rng = np.random.default_rng(1)
+    photos = [
+        fp32.preprocessor(synthetic_photo(320 + 16 * i, 240 + 8 * i, 100 + i)) for i in range(16)
+    ]
+    pixels = np.stack(
+        photos + [rng.standard_normal((3, size, size), dtype=np.float32) for _ in range(4)]
+    )
+    feeds = fp32.tokenizer.pad(fp32.tokenizer.tokenize(list(QUERIES)))
+    cosines = [
+        np.sum(fp32.run_vision(pixels) * int8.run_vision(pixels), axis=1),
+        np.sum(fp32.run_text(feeds) * int8.run_text(feeds), axis=1),
+    ]
+    return float(min(c.min() for c in cosines))
+
+
+async def bench_pipeline(
+    encoder: OnnxEncoder,
+    *,
+    photos: Sequence[bytes],
+    size: int,
+    items: int,
+    report: ModelReport,
+    name: str,
+) -> dict[tuple[str, int], float]:
+    pipeline = EncodingPipeline(encoder, max_batch_size=32, max_wait_ms=5, max_queue=100_000)
+    await pipeline.start()
+    tensors = [encoder.preprocessor(p) for p in photos]
+    rates: dict[tuple[str, int], float] = {}
+    try:
+        for kind in ("tensor", "jpeg"):
+            for concurrency in CONCURRENCY:
+                count = items if concurrency > 1 else max(8, items // 4)
+
+                async def worker(offset: int, n: int, kind: str = kind) -> None:
+                    for i in range(n):
+                        index = (offset + i) % len(photos)
+                        if kind == "jpeg":
+                            await pipeline.encode_images([photos[index]], Priority.INTERACTIVE)
+                        else:
+                            await pipeline.encode_pixels([tensors[index]], Priority.INTERACTIVE)
+
+                await worker(0, 4)  # warm
+                per_worker = max(1, count // concurrency)
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(w, per_worker) for w in range(concurrency)))
+                per_s = per_worker * concurrency / (time.perf_counter() - started)
+                rates[kind, concurrency] = per_s
+                report.rows.append(
+                    {
+                        "runner": f"pipeline {kind}",
+                        "tower": "vision",
+                        "concurrency": concurrency,
+                        "items_per_s": per_s,
+                    }
+                )
+                print(
+                    f"  {name:>18} pipeline {kind:>6} c{concurrency:<3} {per_s:8.1f}/s",
+                    file=sys.stderr,
+                )
+    finally:
+        await pipeline.close()
+    return rates
+
+
+def main(args: argparse.Namespace) -> int:
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    reports = []
+    started = time.perf_counter()
+    if not args.skip_vitb32:
+        checkpoint, bundle_dir = ensure_vitb32(work)
+        print("bench: ViT-B/32 (random weights)", file=sys.stderr)
+        reports.append(
+            bench_model(
+                "vit-b/32 random", load_bundle(bundle_dir), checkpoint, args.seconds, args.items
+            )
+        )
+    demo_checkpoint = Path(args.demo_checkpoint) if args.demo_checkpoint else None
+    print("bench: demo model", file=sys.stderr)
+    reports.append(
+        bench_model(
+            "demo",
+            load_bundle(default_bundle_path()),
+            demo_checkpoint,
+            args.seconds,
+            args.items * 4,
+        )
+    )
+    headline = reports[0].ratios
+    result = {
+        **{key: round(value, 4) for key, value in headline.items()},
+        "targets": TARGETS,
+        "passed": {k: headline.get(k, 0.0) >= v for k, v in TARGETS.items() if k in headline},
+        "models": {r.name: {"ratios": r.ratios, "rows": r.rows} for r in reports},
+        "machine": {"cpus": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1)},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for report in reports:
+            print(f"\n{report.name}")
+            for key, value in report.ratios.items():
+                target = TARGETS.get(key)
+                mark = (
+                    ""
+                    if target is None
+                    else (" ok" if value >= target else f" MISS (target {target})")
+                )
+                print(f"  {key:>28}: {value:8.3f}{mark}")
+    return 0
