@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,26 @@ def register(commands: Any) -> None:
     )
     p.set_defaults(handler=_run_serve)
 
+    h: argparse.ArgumentParser = commands.add_parser(
+        "health",
+        help="ask a server's standard gRPC health service; exit 0 only when SERVING",
+        description=(
+            "Calls grpc.health.v1.Health/Check on --server and prints the status. Exit code 0 "
+            "when SERVING, 1 otherwise (NOT_SERVING while the model warms up or the server "
+            "drains, or unreachable). For container health checks and scripts."
+        ),
+    )
+    h.add_argument(
+        "--server",
+        default=os.environ.get("CLIPSEARCH_SERVER", "127.0.0.1:50051"),
+        help="host:port (default: $CLIPSEARCH_SERVER or 127.0.0.1:50051)",
+    )
+    h.add_argument(
+        "--service", default="", help="service name to check (default: the whole server)"
+    )
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    h.set_defaults(handler=_run_health)
+
 
 def _run_serve(args: argparse.Namespace) -> int:
     from clipsearch.client.cli import require
@@ -46,3 +67,24 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     return asyncio.run(serve(settings, args.ready_file))
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    from clipsearch.client.cli import require
+
+    require("server", "grpc_health")
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.server}: {exc.code().name}: {exc.details()}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.server}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

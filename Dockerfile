@@ -1,0 +1,36 @@
+# clipsearch server image: demo model built in, Milvus Lite by default.
+#   docker build -t clipsearch .
+#   docker run -p 50051:50051 -v clipsearch-data:/data clipsearch
+#   docker run -p 50051:50051 clipsearch --milvus-uri http://milvus:19530
+# GPU: docker build --build-arg BASE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 \
+#        --build-arg EXTRA=gpu -t clipsearch:gpu .   and run with --device cuda
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+ARG EXTRA=server
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN command -v python3 >/dev/null || (apt-get update && apt-get install -y --no-install-recommends \
+        python3 python3-pip python3-venv && rm -rf /var/lib/apt/lists/*)
+RUN python3 -m venv /opt/clipsearch
+ENV PATH=/opt/clipsearch/bin:$PATH
+
+WORKDIR /src
+# Dependencies first, so code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY protos ./protos
+COPY server ./server
+COPY client ./client
+COPY export ./export
+COPY bench ./bench
+COPY demo ./demo
+RUN pip install ".[${EXTRA}]" && rm -rf /src
+
+RUN useradd --create-home --uid 10001 clipsearch && mkdir /data && chown clipsearch /data
+USER clipsearch
+WORKDIR /data
+EXPOSE 50051
+ENV CLIPSEARCH_HOST=0.0.0.0 CLIPSEARCH_MILVUS_URI=/data/clipsearch.db
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD ["clipsearch", "health", "--server", "127.0.0.1:50051"]
+ENTRYPOINT ["clipsearch", "serve"]
