@@ -1,0 +1,580 @@
+"""`MilvusStore`: the `VectorStore` on Milvus through pymilvus's `MilvusClient`.
+
+`uri` is a local path ending in `.db` (Milvus Lite, embedded in this process) or
+`http://host:19530` (a Milvus server or cluster, with `token` = "user:password" or an API
+key). Both get the same layout, so the same tests run on both.
+
+Layout. Milvus 2.3 allows one vector field per collection, so a clipsearch collection `C` is
+two Milvus collections with the same scalar fields (`id` VARCHAR primary key, `uri`,
+`caption`, `metadata` JSON), so a filter means the same on both:
+  - `C` holds every item with its `image_vector`;
+  - `C__captions` holds the items that have a caption, with their `caption_vector`.
+`C` carries the properties `clipsearch.model_id` and `clipsearch.layout`; the vector
+dimension is in its schema. It is created after `C__captions` and dropped before it, so a
+`C` that exists is complete; collections without the properties are not ours and are left
+alone. A reopened store loads its collections before serving.
+
+Consistency. Reads use Session consistency: a search, get or count sees every write this
+process made before it (pymilvus keeps the timestamp of the last write per collection and
+the server waits for it), which is the read-your-writes the service needs after it has
+acknowledged an upsert. Strong would wait for the newest timestamp on every read, about
+0.2 s per search on Milvus 2.3 standalone even with no write in flight; Session waits only
+while this process's own writes are not yet searchable. Writes made by other processes
+become visible as the server catches up (bounded staleness). Milvus Lite applies every
+write before acknowledging it, so every level reads the same there.
+
+Threads. The store is safe to call from several threads. pymilvus's client is a gRPC
+channel, safe for concurrent calls. Milvus Lite 3.2 does not serialize concurrent writes
+to one collection (sequence numbers and WAL appends are unguarded), and `delete` must know
+which ids existed just before deleting them, so every write and DDL call of one store takes
+one lock; reads run concurrently.
+
+Errors. Every pymilvus exception becomes a domain error (see `milvus_errors`); every call
+carries a timeout, so an unreachable Milvus answers Unavailable instead of hanging. The
+token is never logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from clipsearch.server.errors import (
+    AlreadyExists,
+    InvalidInput,
+    ModelMismatch,
+    NotFound,
+    Unavailable,
+)
+from clipsearch.server.settings import Settings
+from clipsearch.server.store import expressions, milvus_errors, validation
+from clipsearch.server.store.api import (
+    OUTPUT_FIELDS,
+    CollectionInfo,
+    StoredItem,
+    StoreHit,
+    Target,
+)
+from clipsearch.server.store.consistency import SESSION, ReadConsistency
+from clipsearch.server.store.indexing import IndexConfig, check_window, search_params
+from clipsearch.server.store.lite import LiteDatabase
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PROPERTY_MODEL_ID = "clipsearch.model_id"
+PROPERTY_LAYOUT = "clipsearch.layout"
+LAYOUT_VERSION = "1"
+IMAGE_VECTOR = "image_vector"
+CAPTION_VECTOR = "caption_vector"
+SCALAR_FIELDS = ("id", "uri", "caption", "metadata")
+ROWS_PER_WRITE = 512
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_DDL_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class _Collection:
+    """What the store knows about one clipsearch collection."""
+
+    name: str
+    dim: int
+    model_id: str
+    index: IndexConfig
+
+    @property
+    def companion(self) -> str:
+        return companion_name(self.name)
+
+
+def companion_name(name: str) -> str:
+    return name + validation.COMPANION_SUFFIX
+
+
+class MilvusStore:
+    def __init__(
+        self,
+        uri: str,
+        token: str = "",
+        index: IndexConfig | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        ddl_timeout_s: float = DEFAULT_DDL_TIMEOUT_S,
+    ) -> None:
+        """Connect (or open the Milvus Lite file) and load every clipsearch collection.
+
+        `index` applies to collections created from now on; each existing collection keeps
+        its own index, read back from Milvus. Raises Unavailable when Milvus cannot be
+        reached, ConfigurationError for a Milvus Lite path that does not end in `.db`."""
+        self._index = index or IndexConfig.defaults_for("HNSW", "IP")
+        self._timeout_s = timeout_s
+        self._ddl_timeout_s = ddl_timeout_s
+        self._write_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._collections: dict[str, _Collection] = {}
+        self._reads = ReadConsistency()
+        self._closed = False
+        # pymilvus logs every failed call with a traceback at ERROR; the store turns them
+        # into domain errors that the service reports, so that log would only repeat them.
+        logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
+        self._lite = LiteDatabase.open(uri) if "://" not in uri else None
+        self._description = str(self._lite.path) if self._lite else _redacted(uri)
+        try:
+            self._client = MilvusClient(
+                uri=str(self._lite.path) if self._lite else uri, token=token, timeout=timeout_s
+            )
+        except Exception as exc:
+            if self._lite:
+                self._lite.release()
+            raise Unavailable(
+                f"cannot open Milvus at {self._description}: {milvus_errors.message_of(exc)}"
+                + (" (is another process using this file?)" if self._lite else "")
+            ) from exc
+        try:
+            self._load_all()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MilvusStore:
+        index = IndexConfig.from_strings(
+            settings.index_type, settings.metric, settings.index_params, settings.search_params
+        )
+        return cls(settings.milvus_uri, token=settings.milvus_token, index=index)
+
+    def __repr__(self) -> str:
+        return f"MilvusStore({self._description!r})"
+
+    # --- collections ---------------------------------------------------------------------
+
+    def create_collection(self, name: str, dim: int, model_id: str, exist_ok: bool = False) -> bool:
+        validation.check_collection_name(name)
+        validation.check_dim(dim)
+        validation.check_model_id(model_id)
+        with self._write_lock:
+            if self._call(lambda: self._client.has_collection(name, timeout=self._timeout_s)):
+                try:
+                    existing = self._collection(name)
+                except NotFound:
+                    raise AlreadyExists(
+                        f"a Milvus collection {name!r} exists and was not made by clipsearch"
+                    ) from None
+                if not exist_ok:
+                    raise AlreadyExists(f"collection {name!r} already exists")
+                if (existing.dim, existing.model_id) != (dim, model_id):
+                    raise ModelMismatch(
+                        f"collection {name!r} holds {existing.dim}-d vectors of model "
+                        f"{existing.model_id!r}, not {dim}-d vectors of {model_id!r}"
+                    )
+                return False
+            self._create(name, dim, model_id)
+            return True
+
+    def _create(self, name: str, dim: int, model_id: str) -> None:
+        companion = companion_name(name)
+        properties = {PROPERTY_MODEL_ID: model_id, PROPERTY_LAYOUT: LAYOUT_VERSION}
+        try:
+            # A companion without its main collection is left over from a failed create.
+            self._drop_if_exists(companion)
+            self._create_one(companion, CAPTION_VECTOR, dim, {})
+            self._create_one(name, IMAGE_VECTOR, dim, properties)
+        except BaseException:
+            for leftover in (name, companion):
+                try:
+                    self._drop_if_exists(leftover)
+                except Exception:  # the create's own error is the one to report
+                    log.warning("could not clean up %s after a failed create", leftover)
+            raise
+        with self._cache_lock:
+            self._collections[name] = _Collection(name, dim, model_id, self._index)
+
+    def _create_one(
+        self, name: str, vector_field: str, dim: int, properties: dict[str, str]
+    ) -> None:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(
+            "id", DataType.VARCHAR, is_primary=True, max_length=validation.MAX_ID_BYTES
+        )
+        schema.add_field("uri", DataType.VARCHAR, max_length=validation.MAX_URI_BYTES)
+        schema.add_field("caption", DataType.VARCHAR, max_length=validation.MAX_CAPTION_BYTES)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field(vector_field, DataType.FLOAT_VECTOR, dim=dim)
+        index_params = MilvusClient.prepare_index_params()
+        index_params.add_index(
+            field_name=vector_field,
+            index_type=self._index.index_type,
+            metric_type=self._index.metric,
+            params=dict(self._index.build_params),
+        )
+        self._call(
+            lambda: self._client.create_collection(
+                name,
+                schema=schema,
+                consistency_level=SESSION,
+                properties=properties,
+                timeout=self._ddl_timeout_s,
+            ),
+            name,
+        )
+        # Not waiting for the (empty) index to build avoids a poll Milvus Lite does not
+        # implement; the load below waits for everything the collection needs.
+        self._call(
+            lambda: self._client.create_index(
+                name, index_params, sync=False, timeout=self._ddl_timeout_s
+            ),
+            name,
+        )
+        self._call(lambda: self._client.load_collection(name, timeout=self._ddl_timeout_s), name)
+
+    def _drop_if_exists(self, name: str) -> None:
+        if self._call(lambda: self._client.has_collection(name, timeout=self._timeout_s)):
+            self._call(lambda: self._client.drop_collection(name, timeout=self._ddl_timeout_s))
+
+    def drop_collection(self, name: str) -> None:
+        validation.check_collection_name(name)
+        with self._write_lock:
+            self._collection(name)  # NotFound, also for a collection clipsearch did not make
+            with self._cache_lock:
+                self._collections.pop(name, None)
+            self._call(lambda: self._client.drop_collection(name, timeout=self._ddl_timeout_s))
+            self._drop_if_exists(companion_name(name))
+            self._reads.forget(name)
+            self._reads.forget(companion_name(name))
+
+    def list_collections(self) -> list[CollectionInfo]:
+        names = self._call(lambda: self._client.list_collections(timeout=self._timeout_s))
+        infos = []
+        for name in sorted(names):
+            if name.endswith(validation.COMPANION_SUFFIX):
+                continue
+            try:
+                infos.append(self.describe(name))
+            except NotFound:  # not ours, or dropped meanwhile
+                continue
+        return infos
+
+    def describe(self, name: str) -> CollectionInfo:
+        collection = self._collection(name)
+        return CollectionInfo(name, collection.dim, collection.model_id, self.count(name))
+
+    # --- items ---------------------------------------------------------------------------
+
+    def upsert(self, name: str, items: Sequence[StoredItem]) -> None:
+        collection = self._collection(name)
+        for item in items:
+            validation.check_id(item.id)
+        latest = {item.id: item for item in items}  # the last version of an id wins
+        image_rows, caption_rows, without_caption = [], [], []
+        for item in latest.values():
+            image_row, caption_row = _rows(item, collection.dim)
+            image_rows.append(image_row)
+            if caption_row is None:
+                without_caption.append(item.id)
+            else:
+                caption_rows.append(caption_row)
+        with self._write_lock:
+            for rows in _batches(image_rows):
+                self._call(partial(self._client.upsert, name, rows, timeout=self._timeout_s), name)
+            for rows in _batches(caption_rows):
+                self._call(
+                    partial(
+                        self._client.upsert, collection.companion, rows, timeout=self._timeout_s
+                    ),
+                    name,
+                )
+            # Only ids that have a caption vector now: a delete makes the next read Strong.
+            stale = self._query_ids(collection, collection.companion, without_caption, ["id"])
+            self._delete_ids(collection, collection.companion, [row["id"] for row in stale])
+
+    def get(self, name: str, ids: Sequence[str], include_vectors: bool = False) -> list[StoredItem]:
+        collection = self._collection(name)
+        wanted = _unique_ids(ids)
+        fields = [*SCALAR_FIELDS, IMAGE_VECTOR] if include_vectors else list(SCALAR_FIELDS)
+        rows = {row["id"]: row for row in self._query_ids(collection, name, wanted, fields)}
+        caption_vectors: dict[str, np.ndarray] = {}
+        if include_vectors and rows:
+            found = [i for i in wanted if i in rows]
+            caption_rows = self._query_ids(
+                collection, collection.companion, found, ["id", CAPTION_VECTOR]
+            )
+            caption_vectors = {row["id"]: _vector(row[CAPTION_VECTOR]) for row in caption_rows}
+        return [
+            StoredItem(
+                id=i,
+                uri=rows[i]["uri"],
+                caption=rows[i]["caption"],
+                metadata=dict(rows[i]["metadata"] or {}),
+                image_vector=_vector(rows[i][IMAGE_VECTOR]) if include_vectors else None,
+                caption_vector=caption_vectors.get(i),
+            )
+            for i in wanted
+            if i in rows
+        ]
+
+    def existing_ids(self, name: str, ids: Sequence[str]) -> set[str]:
+        collection = self._collection(name)
+        return {row["id"] for row in self._query_ids(collection, name, _unique_ids(ids), ["id"])}
+
+    def delete(self, name: str, ids: Sequence[str]) -> int:
+        collection = self._collection(name)
+        wanted = _unique_ids(ids)
+        with self._write_lock:
+            existing = [row["id"] for row in self._query_ids(collection, name, wanted, ["id"])]
+            self._delete_ids(collection, name, existing)
+            self._delete_ids(collection, collection.companion, existing)
+        return len(existing)
+
+    def count(self, name: str, filter: str = "") -> int:
+        collection = self._collection(name)
+
+        def count_at(level: str) -> list[dict[str, Any]]:
+            return self._client.query(  # type: ignore[no-any-return]
+                name,
+                filter=filter,
+                output_fields=["count(*)"],
+                consistency_level=level,
+                timeout=self._timeout_s,
+            )
+
+        return int(self._read(collection, name, count_at, filter)[0]["count(*)"])
+
+    def search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        target: Target,
+        top_k: int,
+        *,
+        offset: int = 0,
+        filter: str = "",
+        output_fields: Sequence[str] = (),
+        params: Mapping[str, float] | None = None,
+        exclude_ids: Sequence[str] = (),
+    ) -> list[StoreHit]:
+        check_window(top_k, offset)
+        collection = self._collection(name)
+        query = validation.unit_vector(vector, collection.dim, "query vector")
+        fields = _output_fields(output_fields)
+        expression = expressions.all_of(filter, expressions.excluding(_unique_ids(exclude_ids)))
+        if target is Target.IMAGE:
+            searched, anns_field = collection.name, IMAGE_VECTOR
+        else:
+            searched, anns_field = collection.companion, CAPTION_VECTOR
+        settings = {
+            "metric_type": collection.index.metric,
+            "params": search_params(collection.index, top_k, offset, params),
+        }
+
+        def search_at(level: str) -> list[list[dict[str, Any]]]:
+            return self._client.search(  # type: ignore[no-any-return]
+                searched,
+                data=[query],
+                filter=expression,
+                limit=top_k,
+                offset=offset,
+                output_fields=list(fields),
+                search_params=settings,
+                anns_field=anns_field,
+                consistency_level=level,
+                timeout=self._timeout_s,
+            )
+
+        results = self._read(collection, searched, search_at, filter)
+        return [_hit(hit, fields) for hit in results[0]]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._client.close()
+        except Exception as exc:
+            log.warning("closing the Milvus client failed: %s", milvus_errors.message_of(exc))
+        if self._lite:
+            self._lite.release()
+
+    def __enter__(self) -> MilvusStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _collection(self, name: str) -> _Collection:
+        """The collection's dim, model and index: cached, read from Milvus on first use."""
+        with self._cache_lock:
+            cached = self._collections.get(name)
+        if cached is not None:
+            return cached
+        if not isinstance(name, str) or not name or name.endswith(validation.COMPANION_SUFFIX):
+            raise NotFound(f"collection {name!r} does not exist")
+        description = self._call(
+            lambda: self._client.describe_collection(name, timeout=self._timeout_s), name
+        )
+        properties = description.get("properties") or {}
+        vector_fields = [f for f in description["fields"] if f["name"] == IMAGE_VECTOR]
+        if PROPERTY_MODEL_ID not in properties or not vector_fields:
+            raise NotFound(f"collection {name!r} was not created by clipsearch")
+        index = self._call(
+            lambda: self._client.describe_index(name, IMAGE_VECTOR, timeout=self._timeout_s), name
+        )
+        index_type, metric = index.get("index_type", ""), index.get("metric_type", "")
+        if index_type == self._index.index_type and metric == self._index.metric:
+            config = self._index
+        else:
+            config = IndexConfig.defaults_for(index_type, metric)
+        collection = _Collection(
+            name, int(vector_fields[0]["params"]["dim"]), str(properties[PROPERTY_MODEL_ID]), config
+        )
+        with self._cache_lock:
+            self._collections[name] = collection
+        return collection
+
+    def _load_all(self) -> None:
+        for name in self._call(lambda: self._client.list_collections(timeout=self._timeout_s)):
+            if name.endswith(validation.COMPANION_SUFFIX):
+                continue
+            try:
+                collection = self._collection(name)
+            except NotFound:
+                continue
+            self._ensure_loaded(collection.name)
+            self._ensure_loaded(collection.companion)
+
+    def _ensure_loaded(self, name: str) -> None:
+        state = self._call(lambda: self._client.get_load_state(name, timeout=self._timeout_s), name)
+        if "Loaded" not in str(state.get("state", "")):
+            log.info("loading collection %s", name)
+            self._call(
+                lambda: self._client.load_collection(name, timeout=self._ddl_timeout_s), name
+            )
+
+    def _delete_ids(self, collection: _Collection, name: str, ids: Sequence[str]) -> None:
+        """Delete `ids` from the Milvus collection `name` (`collection` or its companion)."""
+        for chunk in expressions.chunks(ids):
+            expression = expressions.ids_in(chunk)
+            self._call(
+                partial(self._client.delete, name, filter=expression, timeout=self._timeout_s),
+                collection.name,
+            )
+            self._reads.deleted(name)
+
+    def _query_ids(
+        self, collection: _Collection, name: str, ids: Sequence[str], fields: list[str]
+    ) -> list[dict[str, Any]]:
+        """The rows of the Milvus collection `name` whose id is in `ids`."""
+        for item_id in ids:
+            validation.check_id(item_id)
+        rows: list[dict[str, Any]] = []
+        for chunk in expressions.chunks(ids):
+            expression = expressions.ids_in(chunk)
+
+            def query_at(level: str, expression: str = expression) -> list[dict[str, Any]]:
+                return self._client.query(  # type: ignore[no-any-return]
+                    name,
+                    filter=expression,
+                    output_fields=fields,
+                    consistency_level=level,
+                    timeout=self._timeout_s,
+                )
+
+            rows += self._read(collection, name, query_at)
+        return rows
+
+    def _read(
+        self, collection: _Collection, name: str, call: Callable[[str], T], filter: str = ""
+    ) -> T:
+        """Run a read of the Milvus collection `name` at the level it needs (see
+        `consistency`); a collection found released is loaded and the read tried again."""
+        level = self._reads.level(name)
+        result = self._call(partial(call, level.level), collection.name, filter, reload=True)
+        self._reads.completed(name, level)
+        return result
+
+    def _call(
+        self, call: Callable[[], T], collection: str = "", filter: str = "", reload: bool = False
+    ) -> T:
+        """Run one pymilvus call; domain errors out. `reload`: a read that finds its
+        collection released (someone else released it) loads it and tries once more."""
+        if self._closed:
+            raise Unavailable("the vector store is closed")
+        try:
+            return call()
+        except Exception as exc:
+            if reload and milvus_errors.is_not_loaded(exc):
+                self._ensure_loaded(collection)
+                self._ensure_loaded(companion_name(collection))
+                return self._call(call, collection, filter)
+            if milvus_errors.is_collection_not_found(exc):
+                with self._cache_lock:
+                    self._collections.pop(collection, None)
+            raise milvus_errors.translate(exc, collection, filter) from exc
+
+
+def _rows(item: StoredItem, dim: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The item's row in the main collection and, if it has a caption vector, in the
+    companion. Raises InvalidInput naming the item."""
+    validation.check_id(item.id)
+    validation.check_text(item.uri, "uri", validation.MAX_URI_BYTES, item.id)
+    validation.check_text(item.caption, "caption", validation.MAX_CAPTION_BYTES, item.id)
+    validation.check_metadata(item.metadata, item.id)
+    if item.image_vector is None:
+        raise InvalidInput(f"item {item.id!r} has no image vector")
+    scalars = {"id": item.id, "uri": item.uri, "caption": item.caption, "metadata": item.metadata}
+    image = validation.unit_vector(item.image_vector, dim, f"item {item.id!r}: image vector")
+    if item.caption_vector is None:
+        return {**scalars, IMAGE_VECTOR: image}, None
+    caption = validation.unit_vector(item.caption_vector, dim, f"item {item.id!r}: caption vector")
+    return {**scalars, IMAGE_VECTOR: image}, {**scalars, CAPTION_VECTOR: caption}
+
+
+def _batches(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    return [rows[i : i + ROWS_PER_WRITE] for i in range(0, len(rows), ROWS_PER_WRITE)]
+
+
+def _unique_ids(ids: Sequence[str]) -> list[str]:
+    if isinstance(ids, str):
+        raise InvalidInput("ids must be a list of strings, not one string")
+    return list(dict.fromkeys(ids))
+
+
+def _output_fields(requested: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(requested, str):
+        raise InvalidInput("output_fields must be a list of field names, not one string")
+    unknown = [f for f in requested if f not in OUTPUT_FIELDS]
+    if unknown:
+        raise InvalidInput(
+            f"unknown output field {unknown[0]!r}: choose from {', '.join(OUTPUT_FIELDS)}"
+        )
+    return tuple(dict.fromkeys(requested)) or OUTPUT_FIELDS
+
+
+def _vector(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+def _hit(hit: Mapping[str, Any], fields: tuple[str, ...]) -> StoreHit:
+    entity = hit.get("entity") or {}
+    return StoreHit(
+        id=str(hit["id"]),
+        score=float(hit["distance"]),
+        uri=entity.get("uri", "") if "uri" in fields else "",
+        caption=entity.get("caption", "") if "caption" in fields else "",
+        metadata=dict(entity.get("metadata") or {}) if "metadata" in fields else {},
+    )
+
+
+def _redacted(uri: str) -> str:
+    """`uri` without credentials (http://user:password@host -> http://host)."""
+    scheme, sep, rest = uri.partition("://")
+    host = rest.rsplit("@", 1)[-1]
+    return f"{scheme}{sep}{host}" if sep else uri

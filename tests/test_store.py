@@ -1,0 +1,667 @@
+"""MilvusStore against real Milvus: Milvus Lite (temp dir) and, marked slow, a real Milvus 2.3
+server (`milvus-server` from the PyPI package `milvus`, started once per session).
+
+Every test runs on both backends, except those about one backend's own behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymilvus import MilvusClient
+from store_fixtures import (
+    MilvusServerProcess,
+    free_port,
+    milvus_server_executable,
+    unit_vectors,
+)
+
+from clipsearch.server.errors import (
+    AlreadyExists,
+    ConfigurationError,
+    InvalidFilter,
+    InvalidInput,
+    ModelMismatch,
+    NotFound,
+    Unavailable,
+)
+from clipsearch.server.settings import Settings
+from clipsearch.server.store import (
+    IndexConfig,
+    MilvusStore,
+    StoredItem,
+    Target,
+)
+from clipsearch.server.store.validation import COMPANION_SUFFIX
+
+DIM = 16
+GALLERY_SIZE = 200
+COLOURS = ("red", "green", "blue")
+BACKENDS = ["lite", pytest.param("server", marks=pytest.mark.slow)]
+
+
+# --- backends ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServerProcess]:
+    executable = milvus_server_executable()
+    if executable is None:
+        pytest.skip("the real-server tests need milvus-server: pip install milvus (PyPI, 2.3.x)")
+    with MilvusServerProcess(tmp_path_factory.mktemp("milvus-server"), executable) as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: str
+    uri: str
+    scratch: Path
+
+    def fresh_uri(self) -> str:
+        """A URI whose data no other store of this test has open (for reopen tests)."""
+        if self.kind == "lite":
+            return str(self.scratch / f"{uuid.uuid4().hex[:8]}.db")
+        return self.uri
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
+    scratch = tmp_path_factory.mktemp(f"store-{request.param}")
+    if request.param == "lite":
+        return Backend("lite", str(scratch / "milvus.db"), scratch)
+    server: MilvusServerProcess = request.getfixturevalue("milvus_server")
+    return Backend("server", server.uri, scratch)
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[MilvusStore]:
+    store = MilvusStore(backend.uri)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def name(store: MilvusStore) -> Iterator[str]:
+    """A fresh collection name, dropped after the test."""
+    collection = f"t_{uuid.uuid4().hex[:10]}"
+    yield collection
+    with contextlib.suppress(NotFound):
+        store.drop_collection(collection)
+
+
+def items(ids: list[str], seed: int, captioned: bool = True, dim: int = DIM) -> list[StoredItem]:
+    images, captions = unit_vectors(len(ids), dim, seed), unit_vectors(len(ids), dim, seed + 1)
+    return [
+        StoredItem(
+            id=item_id,
+            uri=f"file:///images/{item_id}.png",
+            caption=f"caption of {item_id}" if captioned else "",
+            metadata={"n": n, "seed": seed},
+            image_vector=images[n],
+            caption_vector=captions[n] if captioned else None,
+        )
+        for n, item_id in enumerate(ids)
+    ]
+
+
+# --- a read-only gallery shared by the search tests ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Gallery:
+    store: MilvusStore
+    name: str
+    ids: list[str]
+    images: np.ndarray
+    captions: np.ndarray  # rows of uncaptioned items are zero
+    colours: list[str]
+
+    def expected(
+        self, query: np.ndarray, target: Target, keep: np.ndarray | None = None
+    ) -> list[str]:
+        """Ids by descending cosine, computed with numpy."""
+        vectors = self.images if target is Target.IMAGE else self.captions
+        scores = vectors @ query
+        candidates = np.ones(len(self.ids), bool) if keep is None else keep.copy()
+        if target is Target.CAPTION:
+            candidates &= np.abs(self.captions).sum(axis=1) > 0
+        order = [i for i in np.argsort(-scores, kind="stable") if candidates[i]]
+        return [self.ids[i] for i in order]
+
+
+@pytest.fixture(scope="module")
+def gallery(backend: Backend) -> Iterator[Gallery]:
+    store = MilvusStore(backend.uri)
+    name = f"gallery_{uuid.uuid4().hex[:8]}"
+    store.create_collection(name, DIM, "test-model")
+    ids = [f"img-{i:03d}" for i in range(GALLERY_SIZE)]
+    images = unit_vectors(GALLERY_SIZE, DIM, seed=10)
+    captions = unit_vectors(GALLERY_SIZE, DIM, seed=11)
+    captions[1::2] = 0.0  # odd items have no caption
+    colours = [COLOURS[i % 3] for i in range(GALLERY_SIZE)]
+    store.upsert(
+        name,
+        [
+            StoredItem(
+                id=ids[i],
+                uri=f"s3://bucket/{colours[i]}/{i}.jpg",
+                caption=f"a {colours[i]} thing number {i}" if i % 2 == 0 else "",
+                metadata={
+                    "colour": colours[i],
+                    "rank": i,
+                    "tags": ["even" if i % 2 == 0 else "odd"],
+                },
+                image_vector=images[i],
+                caption_vector=captions[i] if i % 2 == 0 else None,
+            )
+            for i in range(GALLERY_SIZE)
+        ],
+    )
+    yield Gallery(store, name, ids, images, captions, colours)
+    store.drop_collection(name)
+    store.close()
+
+
+# --- collections --------------------------------------------------------------------------
+
+
+def test_create_list_describe_drop(store: MilvusStore, name: str) -> None:
+    assert store.create_collection(name, DIM, "model-a") is True
+    assert store.create_collection(name, DIM, "model-a", exist_ok=True) is False
+    with pytest.raises(AlreadyExists, match=name):
+        store.create_collection(name, DIM, "model-a")
+    with pytest.raises(ModelMismatch, match="model-a"):
+        store.create_collection(name, DIM, "model-b", exist_ok=True)
+    with pytest.raises(ModelMismatch):
+        store.create_collection(name, DIM * 2, "model-a", exist_ok=True)
+
+    listed = {info.name: info for info in store.list_collections()}
+    assert listed[name].dim == DIM and listed[name].model_id == "model-a"
+    assert listed[name].count == 0
+    assert not [n for n in listed if n.endswith(COMPANION_SUFFIX)]
+    info = store.describe(name)
+    assert (info.name, info.dim, info.model_id, info.count) == (name, DIM, "model-a", 0)
+
+    store.drop_collection(name)
+    assert name not in {info.name for info in store.list_collections()}
+    with pytest.raises(NotFound):
+        store.describe(name)
+    with pytest.raises(NotFound):
+        store.drop_collection(name)
+    assert store.create_collection(name, DIM, "model-b") is True  # the name is free again
+
+
+@pytest.mark.parametrize(
+    "bad", ["bad-name", "", "1starts_with_digit", "has space", "x" * 300, "c" + COMPANION_SUFFIX]
+)
+def test_invalid_collection_names_are_refused(store: MilvusStore, bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        store.create_collection(bad, DIM, "m")
+
+
+def test_invalid_dim_and_model_are_refused(store: MilvusStore, name: str) -> None:
+    with pytest.raises(InvalidInput, match="dimension"):
+        store.create_collection(name, 0, "m")
+    with pytest.raises(InvalidInput, match="model id"):
+        store.create_collection(name, DIM, "")
+
+
+def test_unknown_collection_is_not_found_everywhere(store: MilvusStore) -> None:
+    missing = "no_such_collection"
+    vector = unit_vectors(1, DIM, 0)[0]
+    calls = [
+        lambda: store.describe(missing),
+        lambda: store.drop_collection(missing),
+        lambda: store.upsert(missing, items(["a"], 0)),
+        lambda: store.get(missing, ["a"]),
+        lambda: store.existing_ids(missing, ["a"]),
+        lambda: store.delete(missing, ["a"]),
+        lambda: store.count(missing),
+        lambda: store.search(missing, vector, Target.IMAGE, 5),
+        lambda: store.search(missing + COMPANION_SUFFIX, vector, Target.IMAGE, 5),
+    ]
+    for call in calls:
+        with pytest.raises(NotFound, match="does not exist"):
+            call()
+
+
+def test_foreign_collections_are_left_alone(backend: Backend, store: MilvusStore) -> None:
+    foreign = f"foreign_{uuid.uuid4().hex[:8]}"
+    client = MilvusClient(backend.uri)  # on Lite, the same in-process database as `store`
+    client.create_collection(foreign, dimension=DIM)
+    try:
+        assert foreign not in {info.name for info in store.list_collections()}
+        with pytest.raises(NotFound, match="not created by clipsearch"):
+            store.describe(foreign)
+        with pytest.raises(AlreadyExists, match="not made by clipsearch"):
+            store.create_collection(foreign, DIM, "m", exist_ok=True)
+        with pytest.raises(NotFound):
+            store.drop_collection(foreign)
+    finally:
+        client.drop_collection(foreign)
+        client.close()
+
+
+# --- writes and reads ---------------------------------------------------------------------
+
+
+def test_upsert_counts_exactly_and_reupsert_replaces(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    ids = [f"item-{i}" for i in range(50)]
+    store.upsert(name, items(ids, seed=1))
+    assert store.count(name) == 50
+    assert store.describe(name).count == 50
+
+    store.upsert(name, items(ids[:20], seed=2))  # same ids, new vectors and fields
+    assert store.count(name) == 50
+    got = store.get(name, ids[:20] + ids[45:], include_vectors=True)
+    assert [item.id for item in got] == ids[:20] + ids[45:]
+    assert all(item.metadata["seed"] == 2 for item in got[:20])
+    assert all(item.metadata["seed"] == 1 for item in got[20:])
+    np.testing.assert_array_equal(got[0].image_vector, unit_vectors(20, DIM, 2)[0])  # type: ignore[arg-type]
+    top = store.search(name, unit_vectors(20, DIM, 2)[7], Target.IMAGE, 1)
+    assert top[0].id == ids[7] and top[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_duplicate_ids_in_one_upsert_keep_the_last(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    first, second = items(["same"], seed=1)[0], items(["same"], seed=2)[0]
+    store.upsert(name, [first, second])
+    assert store.count(name) == 1
+    assert store.get(name, ["same"])[0].metadata["seed"] == 2
+
+
+def test_caption_removed_on_reupsert_leaves_caption_search(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    ids = ["a", "b", "c"]
+    captioned = items(ids, seed=3)
+    store.upsert(name, captioned)
+    query = captioned[1].caption_vector
+    assert query is not None
+    assert store.search(name, query, Target.CAPTION, 1)[0].id == "b"
+
+    store.upsert(name, items(["b"], seed=3, captioned=False))
+    assert "b" not in {hit.id for hit in store.search(name, query, Target.CAPTION, 10)}
+    assert {hit.id for hit in store.search(name, query, Target.CAPTION, 10)} == {"a", "c"}
+    (b,) = store.get(name, ["b"], include_vectors=True)
+    assert b.caption == "" and b.caption_vector is None and b.image_vector is not None
+    assert store.count(name) == 3
+
+
+def test_get_in_request_order_with_exact_vectors(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    written = {item.id: item for item in items([f"g{i}" for i in range(10)], seed=4)}
+    written["g9"] = items(["g9"], seed=5, captioned=False)[0]
+    store.upsert(name, list(written.values()))
+
+    request = ["g7", "missing", "g2", "g7", "g9"]
+    got = store.get(name, request, include_vectors=True)
+    assert [item.id for item in got] == ["g7", "g2", "g9"]
+    for item in got:
+        expected = written[item.id]
+        assert (item.uri, item.caption, item.metadata) == (
+            expected.uri,
+            expected.caption,
+            expected.metadata,
+        )
+        assert item.image_vector is not None and item.image_vector.dtype == np.float32
+        np.testing.assert_array_equal(item.image_vector, expected.image_vector)  # type: ignore[arg-type]
+        if expected.caption_vector is None:
+            assert item.caption_vector is None
+        else:
+            np.testing.assert_array_equal(item.caption_vector, expected.caption_vector)  # type: ignore[arg-type]
+    plain = store.get(name, ["g2"])
+    assert plain[0].image_vector is None and plain[0].caption_vector is None
+    assert store.get(name, []) == []
+
+
+def test_existing_ids_and_exact_delete_counts(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    store.upsert(name, items(["d1", "d2", "d3", "d4"], seed=6))
+    assert store.existing_ids(name, ["d1", "x", "d4", "d1"]) == {"d1", "d4"}
+    assert store.existing_ids(name, []) == set()
+
+    assert store.delete(name, ["d1", "d1", "nope", "d3"]) == 2
+    assert store.delete(name, ["d1", "nope"]) == 0
+    assert store.delete(name, []) == 0
+    assert store.count(name) == 2
+    assert store.existing_ids(name, ["d1", "d2", "d3", "d4"]) == {"d2", "d4"}
+    # deleted items are gone from caption search too
+    captions = [item.caption_vector for item in items(["d1", "d2", "d3", "d4"], seed=6)]
+    hits = store.search(name, captions[0], Target.CAPTION, 10)  # type: ignore[arg-type]
+    assert {hit.id for hit in hits} == {"d2", "d4"}
+
+
+def test_ids_with_quotes_backslashes_and_unicode(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    odd = ["it's", 'say "hi"', "back\\slash", "日本語/é", "x]) or (true"]
+    store.upsert(name, items(odd, seed=7))
+    assert [item.id for item in store.get(name, odd)] == odd
+    assert store.existing_ids(name, odd) == set(odd)
+    assert store.delete(name, odd[:2]) == 2
+    assert store.existing_ids(name, odd) == set(odd[2:])
+
+
+def test_bad_items_are_refused_before_anything_is_written(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    good = items(["ok"], seed=8)[0]
+    vector = unit_vectors(1, DIM, 8)[0]
+    bad_items = {
+        "no image vector": StoredItem("x", image_vector=None),
+        "dimension 7, expected 16": StoredItem("x", image_vector=vector[:7]),
+        "caption vector has dimension": StoredItem(
+            "x", image_vector=vector, caption_vector=np.ones(DIM + 1, np.float32)
+        ),
+        "zero vector": StoredItem("x", image_vector=np.zeros(DIM, np.float32)),
+        "NaN": StoredItem("x", image_vector=np.full(DIM, np.nan, np.float32)),
+        "control character": StoredItem("a\x00b", image_vector=vector),
+        "non-empty string": StoredItem("", image_vector=vector),
+        "not valid JSON": StoredItem("x", metadata={"when": object()}, image_vector=vector),
+        "bytes": StoredItem("x", uri="u" * 5000, image_vector=vector),
+    }
+    for message, bad in bad_items.items():
+        with pytest.raises(InvalidInput, match=message):
+            store.upsert(name, [good, bad])
+    assert store.count(name) == 0
+
+
+def test_unnormalized_vectors_are_stored_normalized(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    vector = unit_vectors(1, DIM, 9)[0]
+    store.upsert(name, [StoredItem("big", image_vector=vector * 3.0)])
+    (item,) = store.get(name, ["big"], include_vectors=True)
+    np.testing.assert_allclose(item.image_vector, vector, atol=1e-6)  # type: ignore[arg-type]
+    hit = store.search(name, vector * 0.5, Target.IMAGE, 1)[0]
+    assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+def test_search_ranks_nearest_first_with_numpy_cosines(gallery: Gallery) -> None:
+    query = unit_vectors(1, DIM, seed=99)[0]
+    hits = gallery.store.search(gallery.name, query, Target.IMAGE, 10)
+    assert [hit.id for hit in hits] == gallery.expected(query, Target.IMAGE)[:10]
+    expected_scores = [float(gallery.images[gallery.ids.index(hit.id)] @ query) for hit in hits]
+    np.testing.assert_allclose([hit.score for hit in hits], expected_scores, atol=1e-5)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    first = gallery.ids.index(hits[0].id)
+    assert hits[0].uri == f"s3://bucket/{gallery.colours[first]}/{first}.jpg"
+    assert hits[0].metadata["rank"] == first
+
+
+def test_search_finds_an_item_by_its_own_vector(gallery: Gallery) -> None:
+    for i in (0, 57, 199):
+        hit = gallery.store.search(gallery.name, gallery.images[i], Target.IMAGE, 1)[0]
+        assert hit.id == gallery.ids[i] and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_caption_search_sees_only_captioned_items(gallery: Gallery) -> None:
+    query = gallery.captions[42]
+    hits = gallery.store.search(gallery.name, query, Target.CAPTION, 20)
+    assert [hit.id for hit in hits] == gallery.expected(query, Target.CAPTION)[:20]
+    assert hits[0].id == "img-042" and hits[0].caption == "a red thing number 42"
+    assert all(int(hit.id[4:]) % 2 == 0 for hit in hits)
+
+
+def test_offset_pages_are_disjoint_and_ordered(gallery: Gallery) -> None:
+    query = unit_vectors(1, DIM, seed=98)[0]
+    pages = [
+        gallery.store.search(gallery.name, query, Target.IMAGE, 7, offset=offset)
+        for offset in (0, 7, 14)
+    ]
+    ids = [hit.id for page in pages for hit in page]
+    assert ids == gallery.expected(query, Target.IMAGE)[:21]
+    scores = [hit.score for page in pages for hit in page]
+    assert scores == sorted(scores, reverse=True)
+    last = gallery.store.search(gallery.name, query, Target.IMAGE, 50, offset=GALLERY_SIZE - 5)
+    assert len(last) == 5
+
+
+def test_filters_on_scalar_and_json_fields(gallery: Gallery) -> None:
+    query = unit_vectors(1, DIM, seed=97)[0]
+    colours = np.array(gallery.colours)
+    ranks = np.arange(GALLERY_SIZE)
+    cases = {
+        'metadata["colour"] == "red"': colours == "red",
+        'uri like "s3://bucket/blue/%"': colours == "blue",
+        'metadata["rank"] < 30 and metadata["colour"] != "green"': (ranks < 30)
+        & (colours != "green"),
+        'id in ["img-005", "img-006", "img-150"]': np.isin(ranks, [5, 6, 150]),
+        'caption like "a green%"': (colours == "green") & (ranks % 2 == 0),
+    }
+    for expression, keep in cases.items():
+        hits = gallery.store.search(gallery.name, query, Target.IMAGE, 10, filter=expression)
+        assert [hit.id for hit in hits] == gallery.expected(query, Target.IMAGE, keep)[:10], (
+            expression
+        )
+        assert gallery.store.count(gallery.name, expression) == int(keep.sum()), expression
+    red_captions = gallery.store.search(
+        gallery.name, query, Target.CAPTION, 10, filter='metadata["colour"] == "red"'
+    )
+    expected = gallery.expected(query, Target.CAPTION, colours == "red")[:10]
+    assert [hit.id for hit in red_captions] == expected
+    assert gallery.store.count(gallery.name) == GALLERY_SIZE
+
+
+def test_exclude_ids(gallery: Gallery) -> None:
+    query = gallery.images[10]
+    excluded = ["img-010", "img-000", "not-there"]
+    hits = gallery.store.search(gallery.name, query, Target.IMAGE, 5, exclude_ids=excluded)
+    expected = [i for i in gallery.expected(query, Target.IMAGE) if i not in excluded][:5]
+    assert [hit.id for hit in hits] == expected
+    red = gallery.store.search(
+        gallery.name,
+        query,
+        Target.IMAGE,
+        5,
+        filter='metadata["colour"] == "red"',
+        exclude_ids=["img-012"],
+    )
+    assert "img-012" not in {hit.id for hit in red}
+    assert all(gallery.colours[int(hit.id[4:])] == "red" for hit in red)
+
+
+def test_output_fields_select_what_hits_carry(gallery: Gallery) -> None:
+    query = gallery.images[0]
+    (uri_only,) = gallery.store.search(gallery.name, query, Target.IMAGE, 1, output_fields=["uri"])
+    assert uri_only.uri == "s3://bucket/red/0.jpg"
+    assert uri_only.caption == "" and uri_only.metadata == {}
+    (everything,) = gallery.store.search(gallery.name, query, Target.IMAGE, 1)
+    assert everything.caption == "a red thing number 0"
+    assert everything.metadata == {"colour": "red", "rank": 0, "tags": ["even"]}
+    with pytest.raises(InvalidInput, match="unknown output field 'vector'"):
+        gallery.store.search(gallery.name, query, Target.IMAGE, 1, output_fields=["vector"])
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ['id in ["a"', "no_such_field == 1", 'uri == 3 and metadata["x"] == 1', "(((", "rank >"],
+)
+def test_bad_filter_is_invalid_filter_with_explanation(gallery: Gallery, expression: str) -> None:
+    query = gallery.images[0]
+    with pytest.raises(InvalidFilter) as search_error:
+        gallery.store.search(gallery.name, query, Target.IMAGE, 3, filter=expression)
+    message = str(search_error.value)
+    assert expression in message and len(message) > len(expression) + 20
+    with pytest.raises(InvalidFilter):
+        gallery.store.count(gallery.name, expression)
+
+
+def test_wrong_query_dimension_says_expected_and_got(gallery: Gallery) -> None:
+    with pytest.raises(InvalidInput, match=f"dimension {DIM - 1}, expected {DIM}"):
+        gallery.store.search(gallery.name, np.ones(DIM - 1, np.float32), Target.IMAGE, 3)
+    with pytest.raises(InvalidInput, match="one vector"):
+        gallery.store.search(gallery.name, np.ones((2, DIM), np.float32), Target.IMAGE, 3)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "offset", "params", "message"),
+    [
+        (0, 0, None, "top_k"),
+        (5, -1, None, "offset"),
+        (10_000, 10_000, None, "at most 16384"),
+        (5, 0, {"ef": -3}, "positive integer"),
+        (5, 0, {"ef": float("nan")}, "finite"),
+    ],
+)
+def test_bad_search_window_and_params(
+    gallery: Gallery, top_k: int, offset: int, params: dict[str, float] | None, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        gallery.store.search(
+            gallery.name, gallery.images[0], Target.IMAGE, top_k, offset=offset, params=params
+        )
+
+
+def test_search_params_are_accepted(gallery: Gallery) -> None:
+    query = gallery.images[3]
+    hits = gallery.store.search(gallery.name, query, Target.IMAGE, 5, params={"ef": 8})
+    assert hits[0].id == "img-003" and len(hits) == 5  # ef is raised to top_k + offset
+
+
+# --- lifecycle, settings, concurrency -----------------------------------------------------
+
+
+def test_model_and_dim_survive_closing_and_reopening(backend: Backend) -> None:
+    uri = backend.fresh_uri()
+    name = f"reopen_{uuid.uuid4().hex[:8]}"
+    with MilvusStore(uri) as first:
+        first.create_collection(name, 24, "clip-vit-b32@int8")
+        first.upsert(name, items(["r1", "r2"], seed=12, dim=24))
+    with MilvusStore(uri) as reopened:
+        info = reopened.describe(name)
+        assert (info.dim, info.model_id, info.count) == (24, "clip-vit-b32@int8", 2)
+        query = items(["r1", "r2"], seed=12, dim=24)[1].image_vector
+        assert reopened.search(name, query, Target.IMAGE, 1)[0].id == "r2"  # type: ignore[arg-type]
+        assert reopened.create_collection(name, 24, "clip-vit-b32@int8", exist_ok=True) is False
+        reopened.drop_collection(name)
+
+
+def test_concurrent_upserts_and_searches(store: MilvusStore, name: str) -> None:
+    store.create_collection(name, DIM, "m")
+    writers, batches, batch_size, searchers = 4, 5, 16, 3
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write(worker: int) -> None:
+        try:
+            for batch in range(batches):
+                ids = [f"w{worker}-b{batch}-{i}" for i in range(batch_size)]
+                store.upsert(name, items(ids, seed=worker * 100 + batch))
+                assert store.existing_ids(name, ids) == set(ids)  # read-your-writes
+        except BaseException as exc:
+            errors.append(exc)
+
+    def search(worker: int) -> None:
+        try:
+            query = unit_vectors(1, DIM, seed=500 + worker)[0]
+            while not done.is_set():
+                hits = store.search(name, query, Target.IMAGE, 5)
+                assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+                store.count(name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    search_threads = [threading.Thread(target=search, args=(w,)) for w in range(searchers)]
+    write_threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in search_threads + write_threads:
+        thread.start()
+    for thread in write_threads:
+        thread.join(timeout=120)
+    done.set()
+    for thread in search_threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    assert store.count(name) == writers * batches * batch_size
+
+
+def test_from_settings_uses_index_type_metric_and_params(tmp_path: Path) -> None:
+    settings = Settings(
+        milvus_uri=str(tmp_path / "settings.db"),
+        index_type="IVF_FLAT",
+        metric="COSINE",
+        index_params='{"nlist": 4}',
+        search_params='{"nprobe": 4}',
+    )
+    with MilvusStore.from_settings(settings) as store:
+        store.create_collection("ivf", DIM, "m")
+        gallery = items([f"v{i}" for i in range(40)], seed=13)
+        store.upsert("ivf", gallery)
+        hit = store.search("ivf", gallery[5].image_vector, Target.IMAGE, 1)[0]  # type: ignore[arg-type]
+        assert hit.id == "v5" and hit.score == pytest.approx(1.0, abs=1e-5)
+        index = store._client.describe_index("ivf", "image_vector")
+        assert (index["index_type"], index["metric_type"]) == ("IVF_FLAT", "COSINE")
+
+
+@pytest.mark.parametrize("index_type", ["FLAT", "HNSW", "AUTOINDEX"])
+def test_each_index_type_searches_exactly_at_small_scale(tmp_path: Path, index_type: str) -> None:
+    with MilvusStore(
+        str(tmp_path / "index.db"), index=IndexConfig.defaults_for(index_type, "IP")
+    ) as store:
+        store.create_collection("c", DIM, "m")
+        gallery = items([f"v{i}" for i in range(30)], seed=14)
+        store.upsert("c", gallery)
+        vectors = np.stack([item.image_vector for item in gallery])  # type: ignore[misc]
+        query = unit_vectors(1, DIM, 15)[0]
+        expected = [f"v{i}" for i in np.argsort(-(vectors @ query))[:5]]
+        assert [h.id for h in store.search("c", query, Target.IMAGE, 5)] == expected
+
+
+def test_bad_settings_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="index_params"):
+        MilvusStore.from_settings(
+            Settings(milvus_uri=str(tmp_path / "x.db"), index_params="{not json")
+        )
+    with pytest.raises(ConfigurationError, match="search_params"):
+        MilvusStore.from_settings(
+            Settings(milvus_uri=str(tmp_path / "x.db"), search_params='{"ef": "high"}')
+        )
+    with pytest.raises(ConfigurationError, match=r"\.db"):
+        MilvusStore(str(tmp_path / "no-suffix"))
+
+
+def test_two_stores_on_one_lite_file_share_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    first, second = MilvusStore(path), MilvusStore(path)
+    first.create_collection("c", DIM, "m")
+    first.upsert("c", items(["a"], seed=16))
+    first.close()
+    assert second.count("c") == 1  # closing one store does not stop the other's database
+    second.close()
+    with pytest.raises(Unavailable, match="closed"):
+        second.count("c")
+
+
+def test_unreachable_server_is_unavailable_fast() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(Unavailable, match=f"127.0.0.1:{port}"):
+        MilvusStore(f"http://127.0.0.1:{port}", token="root:s3cret-token", timeout_s=3)
+
+
+@pytest.mark.slow  # starts its own Milvus server (~10 s) to stop it under a connected store
+def test_server_stopping_under_a_store_gives_unavailable(tmp_path: Path) -> None:
+    executable = milvus_server_executable()
+    if executable is None:
+        pytest.skip("needs milvus-server: pip install milvus (PyPI, 2.3.x)")
+    server = MilvusServerProcess(tmp_path / "doomed", executable)
+    server.start()
+    try:
+        store = MilvusStore(server.uri, token="root:s3cret-token", timeout_s=5)
+        store.create_collection("c", DIM, "m")
+    finally:
+        assert server.stop() == 0
+    with pytest.raises(Unavailable) as error:
+        store.search("c", unit_vectors(1, DIM, 0)[0], Target.IMAGE, 1)
+    assert "s3cret" not in str(error.value)
+    with pytest.raises(Unavailable):
+        store.upsert("c", items(["x"], seed=0))
+    store.close()
