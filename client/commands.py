@@ -1,9 +1,605 @@
-"""Subcommands registered by this package (filled in as features land)."""
+"""Client subcommands: ingest, search, profile, count, get, delete, collections, info.
+
+Each takes `--server` (default $CLIPSEARCH_SERVER or 127.0.0.1:50051), `--timeout` and
+`--token` (default $CLIPSEARCH_TOKEN). A failed call prints `clipsearch CMD: CODE: message`
+on stderr and exits 1 (2 for local problems such as an unreadable file); never a traceback.
+Handlers import the client only when they run.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import json
+import os
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from clipsearch.client.client import Client
+    from clipsearch.client.types import IngestSummary, SearchResult, Timing
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+EXIT_CALL_FAILED = 1
+EXIT_LOCAL_ERROR = 2
+MAX_ERRORS_SHOWN = 20
+
+ClientHandler = Callable[[argparse.Namespace, "Client"], int | None]
 
 
 def register(commands: Any) -> None:
-    return None
+    common = _common_options()
+    _register_ingest(commands, common)
+    _register_search(commands, common)
+    _register_profile(commands, common)
+    _register_count(commands, common)
+    _register_get(commands, common)
+    _register_delete(commands, common)
+    _register_collections(commands, common)
+    _register_info(commands, common)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        default=os.environ.get("CLIPSEARCH_SERVER", DEFAULT_SERVER),
+        metavar="HOST:PORT",
+        help=f"server address (default: $CLIPSEARCH_SERVER or {DEFAULT_SERVER})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="deadline of each call (default: 30)",
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("CLIPSEARCH_TOKEN") or None,
+        help="bearer token for a server started with --auth-token (default: $CLIPSEARCH_TOKEN)",
+    )
+    return common
+
+
+def _add_collection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--collection",
+        default=None,
+        help="collection name (default: the server's default collection)",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _with_client(handler: ClientHandler) -> Callable[[argparse.Namespace], int]:
+    """Run a handler with a connected client, turning errors into one line on stderr."""
+
+    def run(args: argparse.Namespace) -> int:
+        from clipsearch.client.client import Client
+        from clipsearch.client.errors import ClipsearchError
+        from clipsearch.client.sources import SourceError
+
+        try:
+            with Client(args.server, timeout=args.timeout, token=args.token) as client:
+                return int(handler(args, client) or 0)
+        except ClipsearchError as exc:
+            _error(args, f"{exc.code.name}: {exc.message}")
+            return EXIT_CALL_FAILED
+        except (OSError, SourceError, ValueError) as exc:
+            _error(args, str(exc))
+            return EXIT_LOCAL_ERROR
+
+    return run
+
+
+def _error(args: argparse.Namespace, message: str) -> None:
+    print(f"clipsearch {args.command}: {message}", file=sys.stderr)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+# --- ingest ------------------------------------------------------------------------------
+
+
+def _register_ingest(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "ingest",
+        parents=[common],
+        help="stream a directory of images or a CSV/JSONL manifest into a collection",
+        description=(
+            "Stream images into a collection with a progress bar, then print a summary "
+            "(ok / failed with reasons / skipped). PATH is a directory (every image file under "
+            "it, recursively; id = the path relative to PATH, uri = the absolute path), a CSV "
+            "or JSONL manifest (columns: id, path or uri, caption, every other column becomes "
+            "metadata; relative paths are resolved against the manifest's folder), or one "
+            "image. Items are upserted by id, so running it again never duplicates; a broken "
+            "connection is resumed. Exit code 1 if any item failed."
+        ),
+        epilog=(
+            "example: clipsearch ingest gallery/manifest.csv --collection demo "
+            "--caption-field caption_en"
+        ),
+    )
+    p.add_argument("path", metavar="PATH", help="a directory, a .csv/.jsonl manifest, or an image")
+    _add_collection(p)
+    p.add_argument(
+        "--caption-field",
+        default=None,
+        metavar="FIELD",
+        help="manifest column holding the caption (default: caption)",
+    )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="acknowledge ids already stored as skipped instead of re-encoding them",
+    )
+    p.add_argument(
+        "--no-create",
+        action="store_true",
+        help="fail if the collection does not exist (default: create it)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=256,
+        help="items in flight, sent but not yet acknowledged (default: 256)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_ingest))
+
+
+def _run_ingest(args: argparse.Namespace, client: Client) -> int:
+    from clipsearch.client.sources import open_source
+
+    source = open_source(args.path, caption_field=args.caption_field)
+    progress = not args.quiet
+    started = time.perf_counter()
+    stream = client.ingest(
+        source,
+        collection=args.collection,
+        create_collection=not args.no_create,
+        skip_existing=args.skip_existing,
+        progress=progress,
+        total=source.total if progress else None,
+        window=args.window,
+    )
+    summary = stream.run()
+    seconds = time.perf_counter() - started
+    if args.json:
+        _print_json(summary.to_dict())
+    else:
+        print(_format_ingest_summary(summary, seconds))
+    return EXIT_CALL_FAILED if summary.failed else 0
+
+
+def _format_ingest_summary(summary: IngestSummary, seconds: float) -> str:
+    rate = summary.total / seconds if seconds > 0 else 0.0
+    lines = [
+        f"{summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
+        f"({summary.total} items in {seconds:.1f} s, {rate:.1f} items/s)"
+    ]
+    if summary.reconnects:
+        lines.append(f"the stream was resumed {summary.reconnects} time(s)")
+    if summary.errors:
+        lines.append("failed:")
+        lines += [f"  {item_id}: {error}" for item_id, error in summary.errors[:MAX_ERRORS_SHOWN]]
+        if len(summary.errors) > MAX_ERRORS_SHOWN:
+            lines.append(f"  ... and {len(summary.errors) - MAX_ERRORS_SHOWN} more")
+    return "\n".join(lines)
+
+
+# --- search ------------------------------------------------------------------------------
+
+
+def _add_query(p: argparse.ArgumentParser, *, vector: bool) -> None:
+    p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="a text query")
+    p.add_argument("--image", metavar="FILE", help="query with this image file")
+    p.add_argument("--like", metavar="ID", help='"more like this": a stored item\'s id')
+    if vector:
+        p.add_argument(
+            "--vector-file",
+            metavar="FILE",
+            help="query with a vector: a .npy file, or numbers as a JSON list or whitespace "
+            "/ comma separated text",
+        )
+    p.add_argument(
+        "--target",
+        choices=("image", "caption", "both"),
+        default="image",
+        help="search image vectors, caption vectors, or both fused by reciprocal rank "
+        "fusion (default: image)",
+    )
+    p.add_argument("--top-k", type=int, default=10, help="hits to return (default: 10)")
+    p.add_argument(
+        "--filter",
+        default="",
+        metavar="EXPR",
+        help='Milvus boolean expression, e.g. \'metadata["colour"] == "red"\'',
+    )
+    _add_collection(p)
+
+
+def _register_search(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "search",
+        parents=[common],
+        help="search a collection by text, image, vector or stored item",
+        description=(
+            "Nearest neighbours of one query: TEXT, --image FILE, --like ID (a stored item: "
+            "more like this) or --vector-file FILE. Prints a table (rank, score, id, caption, "
+            "uri) and the server's timing; --json prints {hits: [...], timing: {...}}."
+        ),
+        epilog=(
+            'examples: clipsearch search "a red circle" --collection demo | '
+            "clipsearch search --image q.jpg --target caption | "
+            'clipsearch search --like demo-0-000001 --filter \'metadata["background"] == '
+            '"dark"\''
+        ),
+    )
+    _add_query(p, vector=True)
+    p.add_argument("--offset", type=int, default=0, help="skip this many best hits (paging)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="index search parameter, e.g. --param ef=128 (HNSW) or --param nprobe=16",
+    )
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_search))
+
+
+def _query_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    given = [
+        name
+        for name in ("text", "image", "like", "vector_file")
+        if getattr(args, name, None) is not None
+    ]
+    if len(given) != 1:
+        options = "TEXT, --image FILE, --like ID" + (
+            " or --vector-file FILE" if hasattr(args, "vector_file") else ""
+        )
+        raise ValueError(f"give exactly one query: {options}")
+    query: dict[str, Any] = {"text": args.text, "like": args.like}
+    if args.image is not None:
+        query["image"] = Path(args.image).read_bytes()
+    if getattr(args, "vector_file", None) is not None:
+        query["vector"] = read_vector_file(Path(args.vector_file))
+    return query
+
+
+def read_vector_file(path: Path) -> np.ndarray:
+    """A query vector from a .npy file, or from text: a JSON list or separated numbers."""
+    import numpy as np
+
+    if path.suffix == ".npy":
+        vector = np.load(path, allow_pickle=False)
+    else:
+        text = path.read_text(encoding="utf-8").strip()
+        try:
+            values = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+            vector = np.asarray(values, dtype=np.float32)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a list of numbers: {exc}") from None
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if vector.size == 0:
+        raise ValueError(f"{path}: the vector is empty")
+    return vector
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, float]:
+    params: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            params[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--param {pair!r}: expected NAME=NUMBER, e.g. ef=128") from None
+    return params
+
+
+def _run_search(args: argparse.Namespace, client: Client) -> int:
+    query = _query_arguments(args)
+    result = client.search(
+        **query,
+        target=args.target,
+        top_k=args.top_k,
+        offset=args.offset,
+        filter=args.filter,
+        params=parse_params(args.param),
+        collection=args.collection,
+    )
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(format_hits(result, first_rank=args.offset + 1))
+    return 0
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of a string: East Asian wide characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` columns (with an ellipsis) and padded to exactly `width`."""
+    text = text.replace("\n", " ")
+    if display_width(text) > width:
+        cut = ""
+        for ch in text:
+            if display_width(cut + ch) > width - 1:
+                break
+            cut += ch
+        text = cut + "…"
+    return text + " " * (width - display_width(text))
+
+
+def format_hits(result: SearchResult, first_rank: int = 1) -> str:
+    """The hits as a table (rank, score, id, caption, uri) and a timing line."""
+    lines = []
+    if not result.hits:
+        lines.append("no hits")
+    else:
+        id_width = min(32, max(2, *(display_width(h.id) for h in result.hits)))
+        caption_width = min(48, max(7, *(display_width(h.caption) for h in result.hits)))
+        header = f"{'rank':>4}  {'score':>7}  {_fit('id', id_width)}  "
+        header += f"{_fit('caption', caption_width)}  uri"
+        lines.append(header)
+        for rank, hit in enumerate(result.hits, start=first_rank):
+            lines.append(
+                f"{rank:>4}  {hit.score:7.4f}  {_fit(hit.id, id_width)}  "
+                f"{_fit(hit.caption, caption_width)}  {hit.uri}"
+            )
+    if result.query_truncated:
+        lines.append("note: the query text was longer than the model's context and was cut")
+    lines.append(format_timing(result.timing))
+    return "\n".join(lines)
+
+
+def format_timing(timing: Timing) -> str:
+    return (
+        f"timing: {timing.total_ms:.2f} ms on the server (queue {timing.queue_ms:.2f}, "
+        f"preprocess {timing.preprocess_ms:.2f}, inference {timing.inference_ms:.2f}, "
+        f"search {timing.search_ms:.2f} ms)"
+    )
+
+
+# --- profile -----------------------------------------------------------------------------
+
+
+def _register_profile(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "profile",
+        parents=[common],
+        help="show where the time of a search (or encode) goes",
+        description=(
+            "Run one query (--repeat N times; figures are medians) and print a tree: client "
+            "round trip, network + client, server total, and the server's queue / preprocess "
+            "/ inference / search / unaccounted time."
+        ),
+        epilog='example: clipsearch profile "a red circle" --collection demo --repeat 10',
+    )
+    _add_query(p, vector=False)
+    p.add_argument("--repeat", type=int, default=1, help="calls to make (default: 1)")
+    p.add_argument(
+        "--encode",
+        action="store_true",
+        help="profile an Encode of the text or image instead of a Search",
+    )
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_profile))
+
+
+def _run_profile(args: argparse.Namespace, client: Client) -> int:
+    query = _query_arguments(args)
+    profile = client.profile(
+        **query,
+        call="encode" if args.encode else "search",
+        target=args.target,
+        top_k=args.top_k,
+        filter=args.filter,
+        collection=args.collection,
+        repeat=args.repeat,
+    )
+    if args.json:
+        _print_json(profile.to_dict())
+    else:
+        print(profile.render())
+    return 0
+
+
+# --- items -------------------------------------------------------------------------------
+
+
+def _register_count(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "count",
+        parents=[common],
+        help="count the items of a collection",
+        description="Print how many items the collection holds (matching --filter, if given).",
+    )
+    _add_collection(p)
+    p.add_argument("--filter", default="", metavar="EXPR", help="Milvus boolean expression")
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_count))
+
+
+def _run_count(args: argparse.Namespace, client: Client) -> int:
+    count = client.count(args.filter, collection=args.collection)
+    if args.json:
+        _print_json({"count": count})
+    else:
+        print(count)
+    return 0
+
+
+def _register_get(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "get",
+        parents=[common],
+        help="show stored items by id",
+        description=(
+            "Print the stored items (id, uri, caption, metadata) of the given ids, one JSON "
+            "object per line. Exit code 1 if any id is missing."
+        ),
+    )
+    p.add_argument("ids", nargs="+", metavar="ID")
+    _add_collection(p)
+    p.add_argument("--vectors", action="store_true", help="include the stored vectors")
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_get))
+
+
+def _run_get(args: argparse.Namespace, client: Client) -> int:
+    items = client.get(args.ids, include_vectors=args.vectors, collection=args.collection)
+    found = {item.id for item in items}
+    missing = [i for i in dict.fromkeys(args.ids) if i not in found]
+    if args.json:
+        _print_json({"items": [item.to_dict() for item in items], "missing": missing})
+    else:
+        for item in items:
+            print(json.dumps(item.to_dict(), ensure_ascii=False))
+        if missing:
+            _error(args, f"not found: {', '.join(missing)}")
+    return EXIT_CALL_FAILED if missing else 0
+
+
+def _register_delete(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "delete",
+        parents=[common],
+        help="delete items by id",
+        description="Delete the given ids from the collection and print how many existed.",
+    )
+    p.add_argument("ids", nargs="+", metavar="ID")
+    _add_collection(p)
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_delete))
+
+
+def _run_delete(args: argparse.Namespace, client: Client) -> int:
+    deleted = client.delete(args.ids, collection=args.collection)
+    if args.json:
+        _print_json({"deleted": deleted})
+    else:
+        print(f"deleted {deleted} of {len(set(args.ids))}")
+    return 0
+
+
+# --- collections and info ----------------------------------------------------------------
+
+
+def _register_collections(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "collections",
+        parents=[common],
+        help="list, create or drop collections",
+        description=(
+            "clipsearch collections [list] | create NAME [--exist-ok] | drop NAME. A new "
+            "collection is built for the model the server serves."
+        ),
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "create", "drop"),
+        default="list",
+        help="list (default): collections with their item counts; create NAME; drop NAME "
+        "(drops all its items)",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="collection to create or drop")
+    p.add_argument(
+        "--exist-ok", action="store_true", help="create: succeed if it exists (default: fail)"
+    )
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_collections))
+
+
+def _run_collections(args: argparse.Namespace, client: Client) -> int:
+    if args.action in ("create", "drop") and not args.name:
+        raise ValueError(f"collections {args.action} needs a collection NAME")
+    if args.action == "list" and args.name:
+        raise ValueError("collections list takes no NAME")
+    if args.action == "create":
+        created = client.create_collection(args.name, exist_ok=args.exist_ok)
+        if args.json:
+            _print_json({"name": args.name, "created": created})
+        else:
+            print(f"created {args.name}" if created else f"{args.name} already exists")
+        return 0
+    if args.action == "drop":
+        client.drop_collection(args.name)
+        if args.json:
+            _print_json({"name": args.name, "dropped": True})
+        else:
+            print(f"dropped {args.name}")
+        return 0
+    collections = client.list_collections()
+    if args.json:
+        _print_json(
+            [
+                {"name": c.name, "count": c.count, "dim": c.dim, "model_id": c.model_id}
+                for c in collections
+            ]
+        )
+    elif not collections:
+        print("no collections")
+    else:
+        width = max(4, *(len(c.name) for c in collections))
+        print(f"{'name':<{width}}  {'count':>9}  {'dim':>5}  model_id")
+        for c in collections:
+            print(f"{c.name:<{width}}  {c.count:>9}  {c.dim:>5}  {c.model_id}")
+    return 0
+
+
+def _register_info(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "info",
+        parents=[common],
+        help="show the served model, its precision, execution providers and versions",
+        description="Print what the server serves: model, dimension, precision, providers, "
+        "store and versions.",
+    )
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_info))
+
+
+def _run_info(args: argparse.Namespace, client: Client) -> int:
+    info = client.info()
+    if args.json:
+        from dataclasses import asdict
+
+        data = asdict(info)
+        _print_json(data)
+        return 0
+    rows = [
+        ("model", f"{info.model_name} ({info.model_family}, from {info.source_checkpoint})"),
+        ("model id", info.model_id),
+        ("dim", str(info.dim)),
+        ("context length", str(info.context_length)),
+        ("image size", str(info.image_size)),
+        ("text tower", f"{info.text.precision} on {', '.join(info.text.providers)}"),
+        ("vision tower", f"{info.vision.precision} on {', '.join(info.vision.providers)}"),
+        ("max batch size", str(info.text.max_batch_size)),
+        ("store", info.store),
+        ("clipsearch", info.version),
+    ]
+    rows += [(name, version) for name, version in sorted(info.versions.items())]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0

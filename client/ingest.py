@@ -1,0 +1,496 @@
+"""Resumable streaming ingest: the state machine both clients drive.
+
+The Ingest RPC is one bidirectional stream: IngestOptions, then items, each answered by one
+ack (in completion order, `seq` echoed). `IngestState` keeps everything that must survive a
+broken stream, independent of the transport:
+
+- flow control: a driver sends an item only after taking one of `window` slots and gives the
+  slot back on its ack, so at most `window` items are sent but unacknowledged, and the
+  source is read no faster than the server writes;
+- resume: every item gets a sequence number and stays in `pending` until its ack. When the
+  stream breaks (UNAVAILABLE: connection lost, server restarting or draining) the driver
+  waits an exponential backoff, opens a new stream, and the new attempt first resends the
+  pending items, then goes on with the source. The server upserts by id (or content hash),
+  so an item written before the break but not acknowledged is written again, never twice;
+- bounds: `max_attempts` consecutive broken attempts without a single ack give up with the
+  last error; any ack resets the count, so a long ingest survives occasional restarts;
+- local failures: a path item whose file cannot be read is reported as a failed result and
+  never sent.
+
+The sync and asyncio drivers (`SyncIngestStream`, `AsyncIngestStream`) only add the blocking
+primitives (a thread semaphore or an asyncio one) and the way the source is iterated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import threading
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from tqdm import tqdm
+
+from clipsearch.client.convert import ingest_request, ingest_result
+from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
+from clipsearch.client.types import IngestItem, IngestResult, IngestSummary
+from clipsearch.v1 import clipsearch_pb2 as pb
+
+# A broken connection, a restarting or draining server, or a store that is briefly down.
+RESUMABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+SLOT_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with +-`jitter` relative randomization."""
+
+    initial_s: float = 0.2
+    maximum_s: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def delay(self, failures: int) -> float:
+        base = min(self.maximum_s, self.initial_s * self.multiplier ** max(0, failures - 1))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> Any: ...
+    def close(self) -> Any: ...
+
+
+def progress_bar(total: int | None, description: str = "ingest") -> Progress:
+    bar: Progress = tqdm(total=total, desc=description, unit="img", dynamic_ncols=True)
+    return bar
+
+
+class Attempt:
+    """One stream of an ingest run; `ended()` once it is over (its requests must stop)."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self._ended = False
+
+    def end(self) -> None:
+        self._ended = True
+
+    def ended(self) -> bool:
+        return self._ended
+
+
+class IngestState:
+    """Sequence numbers, unacknowledged items, resume decisions and the summary of one run.
+
+    Thread-safe: with the sync client, the request side runs in gRPC's thread while acks
+    are read in the caller's thread.
+    """
+
+    def __init__(
+        self,
+        options: pb.IngestRequest,
+        *,
+        window: int = 256,
+        max_attempts: int = 5,
+        backoff: Backoff = Backoff(),
+        progress: Progress | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.options = options
+        self.window = window
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.progress = progress
+        self.summary = IngestSummary()
+        self.pending: dict[int, IngestItem] = {}  # seq -> item: sent or taken, not acked
+        self.attempts = 0
+        self.source_done = False
+        self.source_error: BaseException | None = None
+        self._failures_in_a_row = 0
+        self._next_seq = 0
+        self._current: Attempt | None = None
+        self._resend: collections.deque[int] = collections.deque()
+        self._local: collections.deque[IngestResult] = collections.deque()
+        self._lock = threading.Lock()
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.attempts - 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.source_done and not self.pending
+
+    # --- request side ------------------------------------------------------------------
+
+    def begin_attempt(self) -> Attempt:
+        """A new stream: everything still pending is queued to be sent again first."""
+        with self._lock:
+            self.attempts += 1
+            self._current = Attempt(self.attempts)
+            self._resend = collections.deque(self.pending)
+            return self._current
+
+    def end_attempt(self, attempt: Attempt) -> None:
+        with self._lock:
+            attempt.end()
+
+    def next_resend(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
+        """The next pending item this attempt must send again, if any."""
+        with self._lock:
+            while attempt is self._current and self._resend:
+                seq = self._resend.popleft()
+                item = self.pending.get(seq)
+                if item is not None:  # else acked or failed meanwhile
+                    return seq, item
+            return None
+
+    def register(self, attempt: Attempt, item: IngestItem) -> int | None:
+        """Give a new item from the source its seq; None if `attempt` already ended.
+
+        An item taken by an attempt that ended meanwhile is not lost: it is queued for the
+        current attempt to send.
+        """
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            self.pending[seq] = item
+            if attempt.ended():
+                if self._current is not None and self._current is not attempt:
+                    self._resend.append(seq)
+                return None
+            return seq
+
+    def source_finished(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.source_done = True
+            if error is not None and self.source_error is None:
+                self.source_error = error
+
+    def message(self, seq: int, item: IngestItem) -> pb.IngestRequest | None:
+        """The wire message; None when the item failed locally (unreadable file)."""
+        try:
+            return ingest_request(item, seq)
+        except OSError as exc:
+            self._fail_locally(seq, item, f"cannot read {item.path}: {exc.strerror or exc}")
+        except ClipsearchError as exc:  # e.g. metadata that is not JSON
+            self._fail_locally(seq, item, exc.message, exc.code.name)
+        return None
+
+    def _fail_locally(
+        self, seq: int, item: IngestItem, error: str, code: str = "INVALID_ARGUMENT"
+    ) -> None:
+        with self._lock:
+            if self.pending.pop(seq, None) is None:
+                return
+            self._local.append(
+                IngestResult(seq=seq, id=item.label, status="failed", error=error, error_code=code)
+            )
+
+    # --- response side -----------------------------------------------------------------
+
+    def acknowledged(self, ack: pb.IngestAck) -> IngestResult | None:
+        """The result of an ack; None for an ack of an item no longer pending."""
+        with self._lock:
+            if self.pending.pop(ack.seq, None) is None:
+                return None
+            self._failures_in_a_row = 0
+        return self._record(ingest_result(ack))
+
+    def local_results(self) -> list[IngestResult]:
+        """Items that failed before being sent, since the last call."""
+        with self._lock:
+            results, self._local = list(self._local), collections.deque()
+        return [self._record(result) for result in results]
+
+    def _record(self, result: IngestResult) -> IngestResult:
+        self.summary.add(result)
+        if self.progress is not None:
+            self.progress.update(1)
+            if self.summary.failed or self.summary.skipped:
+                self.progress.set_postfix_str(
+                    f"failed={self.summary.failed} skipped={self.summary.skipped}", refresh=False
+                )
+        return result
+
+    def after_stream(self, error: ClipsearchError | None) -> float | None:
+        """Decide after a stream ended: None = all done; else seconds to wait, then resume.
+
+        Raises the error when it is not resumable or the attempts are used up, and the
+        source's own error once everything taken from it is acknowledged.
+        """
+        with self._lock:
+            self.summary.reconnects = self.reconnects
+            if error is None and not self.pending and self.source_done:
+                if self.source_error is not None:
+                    raise self.source_error
+                return None
+            if error is None:
+                error = Unavailable(
+                    f"the server ended the ingest stream with {len(self.pending)} items "
+                    "unacknowledged"
+                )
+            if error.code not in RESUMABLE_CODES:
+                raise error
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.max_attempts:
+                raise type(error)(
+                    f"ingest gave up after {self._failures_in_a_row} attempts without progress "
+                    f"({len(self.pending)} items unacknowledged): {error.message}",
+                    error.code,
+                )
+            return self.backoff.delay(self._failures_in_a_row)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+# --- the sync driver -------------------------------------------------------------------
+
+OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterator[pb.IngestAck]]
+
+
+class SyncIngestStream(Iterator[IngestResult]):
+    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+
+    Closing it (or breaking out of the loop and dropping it) cancels the stream.
+    """
+
+    def __init__(
+        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
+    ) -> None:
+        self.state = state
+        self._source = iter(items)
+        self._source_lock = threading.Lock()
+        self._open_stream = open_stream
+        self._results = self._run()
+
+    @property
+    def summary(self) -> IngestSummary:
+        return self.state.summary
+
+    @property
+    def reconnects(self) -> int:
+        return self.state.reconnects
+
+    def __iter__(self) -> SyncIngestStream:
+        return self
+
+    def __next__(self) -> IngestResult:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+
+    def run(self) -> IngestSummary:
+        """Consume all results; returns the summary."""
+        for _ in self:
+            pass
+        return self.summary
+
+    def _run(self) -> Generator[IngestResult]:
+        state = self.state
+        try:
+            while True:
+                attempt = state.begin_attempt()
+                slots = threading.Semaphore(state.window)
+                call = self._open_stream(self._requests(attempt, slots))
+                error: ClipsearchError | None = None
+                try:
+                    for ack in call:
+                        slots.release()
+                        result = state.acknowledged(ack)
+                        yield from state.local_results()
+                        if result is not None:
+                            yield result
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+                finally:
+                    state.end_attempt(attempt)
+                    cancel = getattr(call, "cancel", None)
+                    if cancel is not None:
+                        cancel()
+                yield from state.local_results()
+                delay = state.after_stream(error)
+                if delay is None:
+                    return
+                time.sleep(delay)
+        finally:
+            state.close()
+
+    def _requests(self, attempt: Attempt, slots: threading.Semaphore) -> Iterator[pb.IngestRequest]:
+        state = self.state
+        yield state.options
+        while True:
+            while not slots.acquire(timeout=SLOT_POLL_S):
+                if attempt.ended():
+                    return
+            entry = state.next_resend(attempt) or self._take(attempt)
+            if entry is None:
+                return
+            message = state.message(*entry)
+            if attempt.ended():
+                return
+            if message is None:
+                slots.release()
+                continue
+            yield message
+
+    def _take(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
+        """The next source item, registered; None at the end or when the attempt ended."""
+        state = self.state
+        with self._source_lock:
+            if state.source_done:
+                return None
+            try:
+                item = next(self._source)
+            except StopIteration:
+                state.source_finished()
+                return None
+            except Exception as exc:  # reported after what was sent is acknowledged
+                state.source_finished(exc)
+                return None
+        seq = state.register(attempt, item)
+        return None if seq is None else (seq, item)
+
+
+# --- the asyncio driver ----------------------------------------------------------------
+
+OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterator[pb.IngestAck]]
+
+
+class AsyncIngestStream(AsyncIterator[IngestResult]):
+    """Results of `AsyncClient.ingest()` as they arrive; `.summary` counts them."""
+
+    def __init__(
+        self,
+        state: IngestState,
+        items: Iterable[IngestItem] | AsyncIterable[IngestItem],
+        open_stream: OpenAsyncStream,
+    ) -> None:
+        self.state = state
+        self._source: Iterator[IngestItem] | AsyncIterator[IngestItem] = (
+            aiter(items) if isinstance(items, AsyncIterable) else iter(items)
+        )
+        self._source_lock = asyncio.Lock()
+        self._open_stream = open_stream
+        self._results = self._run()
+
+    @property
+    def summary(self) -> IngestSummary:
+        return self.state.summary
+
+    @property
+    def reconnects(self) -> int:
+        return self.state.reconnects
+
+    def __aiter__(self) -> AsyncIngestStream:
+        return self
+
+    async def __anext__(self) -> IngestResult:
+        return await anext(self._results)
+
+    async def aclose(self) -> None:
+        await self._results.aclose()
+
+    async def run(self) -> IngestSummary:
+        """Consume all results; returns the summary."""
+        async for _ in self:
+            pass
+        return self.summary
+
+    async def _run(self) -> AsyncGenerator[IngestResult]:
+        state = self.state
+        try:
+            while True:
+                attempt = state.begin_attempt()
+                slots = asyncio.Semaphore(state.window)
+                call = self._open_stream(self._requests(attempt, slots))
+                error: ClipsearchError | None = None
+                try:
+                    async for ack in call:
+                        slots.release()
+                        result = state.acknowledged(ack)
+                        for local in state.local_results():
+                            yield local
+                        if result is not None:
+                            yield result
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+                finally:
+                    state.end_attempt(attempt)
+                    slots.release()  # wake a request side waiting for a slot
+                    cancel = getattr(call, "cancel", None)
+                    if cancel is not None:
+                        cancel()
+                for local in state.local_results():
+                    yield local
+                delay = state.after_stream(error)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
+        finally:
+            state.close()
+
+    async def _requests(
+        self, attempt: Attempt, slots: asyncio.Semaphore
+    ) -> AsyncIterator[pb.IngestRequest]:
+        state = self.state
+        yield state.options
+        while True:
+            await slots.acquire()
+            if attempt.ended():
+                return
+            entry = state.next_resend(attempt)
+            if entry is None:
+                # Shielded: a cancelled request side must not cancel the caller's source
+                # half-way through producing an item (the item is registered either way).
+                entry = await asyncio.shield(self._take(attempt))
+            if entry is None:
+                return
+            if entry[1].path is not None:  # file reads off the event loop
+                message = await asyncio.to_thread(state.message, *entry)
+            else:
+                message = state.message(*entry)
+            if attempt.ended():
+                return
+            if message is None:
+                slots.release()
+                continue
+            yield message
+
+    async def _take(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
+        state = self.state
+        async with self._source_lock:
+            if state.source_done:
+                return None
+            try:
+                if isinstance(self._source, AsyncIterator):
+                    item = await anext(self._source)
+                else:
+                    item = next(self._source)
+            except (StopIteration, StopAsyncIteration):
+                state.source_finished()
+                return None
+            except Exception as exc:
+                state.source_finished(exc)
+                return None
+        seq = state.register(attempt, item)
+        return None if seq is None else (seq, item)

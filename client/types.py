@@ -1,0 +1,261 @@
+"""The values the client hands back: plain dataclasses, no protobuf in sight."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from clipsearch.client.errors import ClipsearchError
+
+Target = Literal["image", "caption", "both"]
+IngestStatus = Literal["ok", "failed", "skipped"]
+ImageInput = bytes | str | os.PathLike[str]
+"""An image for encode/search: its encoded bytes, or the path of an image file."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the server spent the time of one call, in microseconds."""
+
+    queue_us: int = 0
+    preprocess_us: int = 0
+    inference_us: int = 0
+    search_us: int = 0
+    total_us: int = 0
+    batch_size: int = 0
+
+    @property
+    def queue_ms(self) -> float:
+        return self.queue_us / 1000
+
+    @property
+    def preprocess_ms(self) -> float:
+        return self.preprocess_us / 1000
+
+    @property
+    def inference_ms(self) -> float:
+        return self.inference_us / 1000
+
+    @property
+    def search_ms(self) -> float:
+        return self.search_us / 1000
+
+    @property
+    def total_ms(self) -> float:
+        return self.total_us / 1000
+
+    def __str__(self) -> str:
+        return (
+            f"server {self.total_ms:.2f} ms (queue {self.queue_ms:.2f}, "
+            f"preprocess {self.preprocess_ms:.2f}, inference {self.inference_ms:.2f}, "
+            f"search {self.search_ms:.2f} ms; batch {self.batch_size})"
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "queue_us": self.queue_us,
+            "preprocess_us": self.preprocess_us,
+            "inference_us": self.inference_us,
+            "search_us": self.search_us,
+            "total_us": self.total_us,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    precision: str
+    providers: tuple[str, ...]
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The model being served and the versions around it (`Client.info()`)."""
+
+    model_name: str
+    model_family: str
+    source_checkpoint: str
+    model_id: str
+    dim: int
+    context_length: int
+    image_size: int
+    text: TowerInfo
+    vision: TowerInfo
+    version: str
+    versions: dict[str, str]
+    store: str
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Embeddings in input order: `vectors` is float32 [n, dim], rows L2-normalized.
+
+    From `encode_stream`, a request that failed comes back with `error` set (and no
+    vectors) instead of ending the stream; `raise_for_error()` turns it into an exception.
+    """
+
+    vectors: np.ndarray
+    truncated: list[bool]
+    timing: Timing
+    request_id: int = 0
+    error: ClipsearchError | None = None
+
+    def raise_for_error(self) -> EncodeResult:
+        """This result, or its error raised."""
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    uri: str
+    caption: str
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "score": self.score,
+            "uri": self.uri,
+            "caption": self.caption,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[Hit]
+    query_truncated: bool
+    timing: Timing
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hits": [hit.to_dict() for hit in self.hits],
+            "query_truncated": self.query_truncated,
+            "timing": self.timing.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Item:
+    """A stored item (`Client.get()`); vectors only when asked for."""
+
+    id: str
+    uri: str
+    caption: str
+    metadata: dict[str, Any]
+    image_vector: np.ndarray | None = None
+    caption_vector: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "uri": self.uri,
+            "caption": self.caption,
+            "metadata": self.metadata,
+        }
+        if self.image_vector is not None:
+            data["image_vector"] = self.image_vector.tolist()
+        if self.caption_vector is not None:
+            data["caption_vector"] = self.caption_vector.tolist()
+        return data
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    count: int
+    dim: int
+    model_id: str
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One image to ingest.
+
+    Give the image as `image` bytes, or as a `path` that is read only when the item is sent
+    (so a source of millions of items does not hold their bytes). An empty `id` lets the
+    server use a hash of the image bytes, so re-ingesting the same file never duplicates it.
+    `uri` is stored as is (the server never fetches it); `metadata` must be JSON-serializable.
+    """
+
+    id: str = ""
+    image: bytes | None = None
+    path: str | os.PathLike[str] | None = None
+    uri: str = ""
+    caption: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.path is None):
+            raise ValueError("give an IngestItem exactly one of image (bytes) or path")
+
+    @property
+    def label(self) -> str:
+        """How to name the item in messages: its id, else its path or uri."""
+        return self.id or (str(self.path) if self.path is not None else self.uri) or "<no id>"
+
+    def read_image(self) -> bytes:
+        """The image bytes (reads the file for path items; raises OSError if unreadable)."""
+        if self.image is not None:
+            return self.image
+        assert self.path is not None
+        return Path(self.path).read_bytes()
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The outcome of one ingested item, in the order the server finished them."""
+
+    seq: int
+    id: str
+    status: IngestStatus
+    error: str = ""
+    error_code: str = ""  # a gRPC status name such as "INVALID_ARGUMENT" when failed
+    caption_truncated: bool = False
+    timing: Timing = field(default_factory=Timing)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class IngestSummary:
+    """Counts of one ingest run, with the reason for each failed item."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (id, message)
+    reconnects: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+    def add(self, result: IngestResult) -> None:
+        if result.status == "ok":
+            self.ok += 1
+        elif result.status == "skipped":
+            self.skipped += 1
+        else:
+            self.failed += 1
+            self.errors.append((result.id, result.error))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "errors": [{"id": item_id, "error": error} for item_id, error in self.errors],
+        }
