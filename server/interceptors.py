@@ -9,6 +9,7 @@ server. `AuthInterceptor` checks a bearer token when one is configured.
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,10 +63,14 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     return handler
 
 
-def _wrap_streaming(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            responses = behavior(request, context)
+            if inspect.isawaitable(responses):  # a handler that writes with context.write()
+                await responses
+                return
+            async for response in responses:
                 yield response
         except aio.AbortError:
             raise
