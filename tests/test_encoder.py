@@ -1,0 +1,153 @@
+"""The ONNX encoder and the encoding pipeline on a real bundle (the committed demo model, or
+CLIPSEARCH_TEST_MODEL): batch == single, normalization, providers, precision, timings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from image_fixtures import encode, pattern
+
+from clipsearch.server.batcher import Priority
+from clipsearch.server.bundle import Bundle, default_bundle_path, load_bundle
+from clipsearch.server.encoder import (
+    EncoderOptions,
+    OnnxEncoder,
+    choose_precision,
+    resolve_providers,
+)
+from clipsearch.server.errors import (
+    BundleError,
+    ConfigurationError,
+    ProviderUnavailable,
+    UndecodableImage,
+)
+from clipsearch.server.pipeline import EncodingPipeline
+
+MODEL = Path(os.environ.get("CLIPSEARCH_TEST_MODEL") or default_bundle_path())
+TEXTS = [
+    "a red circle",
+    "红色的圆形",
+    "",
+    "a blue square and a yellow star on a dark background, seen from far away",
+    "🙂 emoji, punctuation?!",
+    " ".join(["word"] * 120),
+    "star",
+]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return load_bundle(MODEL)
+
+
+@pytest.fixture(scope="module", params=sorted(load_bundle(MODEL).manifest.variants))
+def encoder(request: pytest.FixtureRequest, bundle: Bundle) -> OnnxEncoder:
+    return OnnxEncoder(bundle, EncoderOptions(precision=request.param, warmup=False))
+
+
+def images(encoder: OnnxEncoder, n: int) -> list[np.ndarray]:
+    sizes = [(31, 17), (200, 120), (64, 64), (90, 300), (7, 7), (128, 96), (50, 51)]
+    return [
+        encoder.preprocessor(encode(pattern(sizes[i % len(sizes)], seed=i), "PNG"))
+        for i in range(n)
+    ]
+
+
+def test_text_batch_equals_single_and_is_normalized(encoder: OnnxEncoder) -> None:
+    batch = encoder.encode_text(TEXTS)
+    assert batch.shape == (len(TEXTS), encoder.dim) and batch.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(encoder.encode_text([text])[0], batch[i], atol=1e-5)
+
+
+def test_image_batch_equals_single_and_is_normalized(encoder: OnnxEncoder) -> None:
+    pixels = images(encoder, 7)
+    batch = encoder.encode_images(pixels)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    for i, one in enumerate(pixels):
+        np.testing.assert_allclose(encoder.encode_images([one])[0], batch[i], atol=1e-5)
+
+
+def test_text_batches_are_padded_to_the_longest_item_only(encoder: OnnxEncoder) -> None:
+    tokens = encoder.tokenizer.tokenize(["a red circle", "star"])
+    feeds = encoder.tokenizer.pad(tokens)
+    assert feeds["input_ids"].shape == (2, max(len(t.ids) for t in tokens))
+    assert feeds["input_ids"].shape[1] < encoder.manifest.text.context_length
+
+
+def test_empty_inputs_give_empty_arrays(encoder: OnnxEncoder) -> None:
+    assert encoder.encode_text([]).shape == (0, encoder.dim)
+    assert encoder.encode_images([]).shape == (0, encoder.dim)
+
+
+def test_auto_precision_is_int8_on_cpu_when_the_bundle_has_it(bundle: Bundle) -> None:
+    variants = list(bundle.manifest.variants)
+    expected = "int8" if "int8" in variants else "fp32"
+    assert choose_precision("auto", ("cpu",), variants) == expected
+    assert choose_precision("auto", ("cuda", "cpu"), ["fp32", "fp16"]) == "fp16"
+    assert choose_precision("auto", ("cuda",), ["fp32", "int8"]) == "fp32"
+    with pytest.raises(ConfigurationError, match="fp16 variant is for GPUs"):
+        choose_precision("fp16", ("cpu",), ["fp32", "fp16"])
+    with pytest.raises(BundleError, match="has only"):
+        choose_precision("fp16", ("cuda",), ["fp32"])
+
+
+def test_a_missing_gpu_provider_is_refused_unless_fallback_is_allowed(bundle: Bundle) -> None:
+    available = ort.get_available_providers()
+    assert "CUDAExecutionProvider" not in available  # this suite runs on CPU machines
+    with pytest.raises(ProviderUnavailable, match=r"'cuda'.*--allow-cpu-fallback"):
+        OnnxEncoder(bundle, EncoderOptions(providers=("cuda",), warmup=False))
+    with pytest.raises(ProviderUnavailable, match="tensorrt"):
+        resolve_providers(("tensorrt", "cuda", "cpu"), available, allow_cpu_fallback=False)
+    fallback = OnnxEncoder(
+        bundle,
+        EncoderOptions(providers=("cuda", "cpu"), allow_cpu_fallback=True, precision="fp32"),
+    )
+    assert fallback.text_providers == ["CPUExecutionProvider"]
+    assert fallback.vision_providers == ["CPUExecutionProvider"]
+    assert fallback.encode_text(["still works"]).shape == (1, fallback.dim)
+
+
+def test_warmup_runs_both_towers_at_each_batch_size(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, int]] = []
+    real_text, real_vision = OnnxEncoder.run_text, OnnxEncoder.run_vision
+
+    def spy_text(self: OnnxEncoder, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        seen.append(("text", len(feeds["input_ids"])))
+        return real_text(self, feeds)
+
+    def spy_vision(self: OnnxEncoder, pixels: np.ndarray) -> np.ndarray:
+        seen.append(("vision", len(pixels)))
+        return real_vision(self, pixels)
+
+    monkeypatch.setattr(OnnxEncoder, "run_text", spy_text)
+    monkeypatch.setattr(OnnxEncoder, "run_vision", spy_vision)
+    OnnxEncoder(bundle, EncoderOptions(warmup_batch_sizes=(1, 4)))
+    assert sorted(seen) == [("text", 1), ("text", 4), ("vision", 1), ("vision", 4)]
+
+
+async def test_pipeline_gives_the_encoders_vectors_with_timings(bundle: Bundle) -> None:
+    encoder = OnnxEncoder(bundle, EncoderOptions(precision="fp32", warmup=False))
+    pipeline = EncodingPipeline(encoder, max_batch_size=4, max_wait_ms=1)
+    await pipeline.start()
+    try:
+        jpegs = [encode(pattern((120, 80 + 10 * i), seed=i), "JPEG", quality=92) for i in range(6)]
+        got = await pipeline.encode_images(jpegs)
+        expected = encoder.encode_images([encoder.preprocessor(j) for j in jpegs])
+        np.testing.assert_allclose(got.vectors, expected, atol=1e-5)
+        assert got.timing.preprocess_us > 0 and got.timing.inference_us > 0
+        assert 1 <= got.timing.batch_size <= 4
+        texts = await pipeline.encode_texts(TEXTS, Priority.BULK)
+        np.testing.assert_allclose(texts.vectors, encoder.encode_text(TEXTS), atol=1e-5)
+        assert texts.truncated == tuple(len(t) > 100 for t in TEXTS)
+        with pytest.raises(UndecodableImage, match=r"^image 1: "):
+            await pipeline.encode_images([jpegs[0], b"\x00\x01 not an image", jpegs[1]])
+    finally:
+        await pipeline.close()
