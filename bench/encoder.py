@@ -109,7 +109,7 @@ def ensure_vitb32(work_dir: Path) -> tuple[Path, Path]:
 def torch_towers(
     checkpoint: Path,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-    model = CLIPModel.from_pretrained(checkpoint).eval()
+    model = CLIPModel.from_pretrained(checkpoint).eval()  # type: ignore[no-untyped-call]
 
     def vision(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -40,13 +40,13 @@ def write_grid(path: Path, rows: list[GridRow]) -> Path:
         if row.query_image is not None:
             left = LABEL_WIDTH
             draw.rectangle(
-                [left, top, left + cell - 1, top + cell - 1], outline=QUERY_FRAME, width=3
+                (left, top, left + cell - 1, top + cell - 1), outline=QUERY_FRAME, width=3
             )
             grid.paste(_thumbnail(row.query_image), (left + PAD, top + PAD))
         for column, (hit, good) in enumerate(zip(row.hits, row.good, strict=True), start=1):
             left = LABEL_WIDTH + column * cell
             draw.rectangle(
-                [left + 1, top + 1, left + cell - 2, top + cell - 2],
+                (left + 1, top + 1, left + cell - 2, top + cell - 2),
                 outline=GOOD if good else BAD,
                 width=4,
             )

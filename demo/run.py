@@ -16,7 +16,7 @@ from pathlib import Path
 
 from clipsearch.client import Client, SearchResult
 from clipsearch.demo.grid import GridRow, write_grid
-from clipsearch.export.demo_data import generate_gallery, read_manifest
+from clipsearch.export.demo_data import GalleryItem, generate_gallery, read_manifest
 from clipsearch.server.process import ServerProcess
 
 COLLECTION = "demo"
@@ -128,8 +128,8 @@ def run_demo(out: Path, n: int, top_k: int, seed: int) -> int:
 def ask_queries(
     client: Client,
     gallery: Path,
-    items: list,
-    top_k: int,  # type: ignore[type-arg]
+    items: list[GalleryItem],
+    top_k: int,
 ) -> tuple[list[GridRow], float]:
     print(f"4. queries (top {top_k}; ✓ = hit has the asked colour and shape)")
     rows: list[GridRow] = []

@@ -26,7 +26,7 @@ from clipsearch.server.bundle import default_bundle_path, load_bundle
 from clipsearch.server.catalog import Catalog
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
 from clipsearch.server.ingest import CollectionWriters
-from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor
+from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor, Interceptor
 from clipsearch.server.pipeline import EncodingPipeline
 from clipsearch.server.search import Searcher
 from clipsearch.server.service import ClipSearchService, Runtime
@@ -99,12 +99,12 @@ class ClipSearchServer:
         self.settings = settings
         self.components = components or default_components()
         self.service = ClipSearchService(settings)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lag
         self.port = 0
         self.startup_error: BaseException | None = None
         self._ready = asyncio.Event()
         self._warm_task: asyncio.Task[None] | None = None
-        interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor()]
+        interceptors: list[Interceptor] = [ErrorInterceptor()]
         if settings.auth_token:
             interceptors.insert(0, AuthInterceptor(settings.auth_token))
         max_bytes = settings.max_message_mb * 1024 * 1024
@@ -126,16 +126,15 @@ class ClipSearchServer:
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING); warm up in the background."""
-        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)
+        # The generated service module has no annotations.
+        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
         )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, NOT_SERVING)
-        self.port = self.grpc_server.add_insecure_port(
-            f"{self.settings.host}:{self.settings.port}"
-        )
+        self.port = self.grpc_server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         await self.grpc_server.start()

@@ -114,6 +114,8 @@ class Manifest:
             text = dict(raw["text"])
             text["inputs"] = tuple(text.get("inputs", ("input_ids",)))
             vision = dict(raw["vision"])
+            if len(vision["mean"]) != 3 or len(vision["std"]) != 3:
+                raise BundleError("manifest is invalid: vision.mean and vision.std need 3 channels")
             vision["mean"] = tuple(vision["mean"])
             vision["std"] = tuple(vision["std"])
             vision["inputs"] = tuple(vision.get("inputs", ("pixel_values",)))
@@ -151,8 +153,6 @@ class Manifest:
                 problems.append(f"variant {name!r} has precision {variant.precision!r}")
         if self.text.context_length < 2:
             problems.append(f"text.context_length too small: {self.text.context_length}")
-        if len(self.vision.mean) != 3 or len(self.vision.std) != 3:
-            problems.append("vision.mean and vision.std need 3 channels")
         if any(s <= 0 for s in self.vision.std):
             problems.append("vision.std must be positive")
         if self.vision.image_size <= 0 or self.vision.resize_shortest_edge <= 0:

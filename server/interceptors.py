@@ -13,7 +13,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -21,6 +21,14 @@ from grpc import aio
 from clipsearch.server.errors import ClipsearchError, ErrorCode
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # grpc's classes are generic only in the type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = aio.ServerInterceptor[Any, Any]
+else:
+    Interceptor = aio.ServerInterceptor
+# grpc passes None for methods no service implements.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 
 STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
     code: grpc.StatusCode[code.name] for code in ErrorCode
@@ -80,7 +88,7 @@ def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., 
     return handler
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Any], Any]) -> grpc.RpcMethodHandler:
+def _rewrap(handler: Handler, wrap: Callable[[Any], Any]) -> Handler:
     common = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -94,12 +102,10 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Any], Any]) -> grpc.
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **common)
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+class ErrorInterceptor(Interceptor):
+    async def intercept_service(  # type: ignore[override]  # None: see Continuation
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -109,17 +115,15 @@ class ErrorInterceptor(aio.ServerInterceptor):
         return _rewrap(handler, lambda b: _wrap_unary(b, method))
 
 
-class AuthInterceptor(aio.ServerInterceptor):
+class AuthInterceptor(Interceptor):
     """Requires `authorization: Bearer <token>` on every call but health and reflection."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    async def intercept_service(  # type: ignore[override]  # None: see Continuation
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         method = handler_call_details.method
         if method.startswith(UNAUTHENTICATED_METHODS):
             return await continuation(handler_call_details)
@@ -131,14 +135,9 @@ class AuthInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        deny = _deny_stream if handler.response_streaming else _deny_unary
-        return _rewrap(handler, lambda _: deny)
+        return _rewrap(handler, lambda _: _deny)
 
 
-async def _deny_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+async def _deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+    # A coroutine serves streaming methods too: it ends the call before any response.
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-
-async def _deny_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-    yield None  # pragma: no cover - abort raises

@@ -94,18 +94,23 @@ class EncodingPipeline:
     ) -> None:
         self.encoder = encoder
         self.dim = encoder.dim
-        batching = {
-            "max_batch_size": max_batch_size,
-            "max_wait_ms": max_wait_ms,
-            "max_queue": max_queue,
-            "workers": workers,
-            "bulk_max_wait_ms": bulk_max_wait_ms,
-        }
         self.text_batcher: Batcher[TokenizedText, np.ndarray] = Batcher(
-            "text", self._run_text, **batching
+            "text",
+            self._run_text,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            workers=workers,
+            bulk_max_wait_ms=bulk_max_wait_ms,
         )
         self.vision_batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
-            "vision", self._run_vision, **batching
+            "vision",
+            self._run_vision,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            workers=workers,
+            bulk_max_wait_ms=bulk_max_wait_ms,
         )
         threads = preprocess_threads or min(8, os.cpu_count() or 1)
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")

@@ -11,7 +11,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), as float32."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, np.float32(1e-12))
+    normalized: np.ndarray = x / np.maximum(norms, np.float32(1e-12))
+    return normalized
 
 
 def to_bytes(vector: np.ndarray) -> bytes:
