@@ -42,7 +42,11 @@ def convert(rgba: Image.Image, mode: str) -> Image.Image:
     return rgba.convert(mode)
 
 
-def solid(size: tuple[int, int], colour: tuple[int, int, int], mode: str = "RGB") -> Image.Image:
+def solid(
+    size: tuple[int, int],
+    colour: int | tuple[int, int, int] | tuple[int, int, int, int],
+    mode: str = "RGB",
+) -> Image.Image:
     return Image.new(mode, size, colour)
 
 

@@ -1,0 +1,489 @@
+"""`clipsearch export`: a Hugging Face CLIP checkpoint -> a model bundle, accepted on parity.
+
+    export_bundle(checkpoint, out, precisions, opset, name) -> Manifest
+
+writes text.onnx / vision.onnx (+ text.<precision>.onnx ... per extra variant),
+tokenizer.json and, only when every variant meets its parity bar, manifest.json. A bundle
+without a manifest is not loadable, so a failed export can never be served by accident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipsearch.server.bundle import (
+    MANIFEST_FILE,
+    PARITY_BARS,
+    PRECISIONS,
+    Manifest,
+    Parity,
+    TextSpec,
+    Variant,
+    VisionSpec,
+)
+
+FAMILY = "clip"
+TOKENIZER_FILE = "tokenizer.json"
+# Batch of one vs the same item in a batch, L2-normalized, fp32 (the encoder's contract).
+BATCH_INVARIANCE_BAR = 1e-5
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+Progress = Callable[[str], None]
+
+
+class ExportError(Exception):
+    """The checkpoint cannot be exported as asked; the message says why, for a person."""
+
+
+class ParityFailure(ExportError):
+    """One or more variants missed their parity bar; the ONNX files are left for inspection."""
+
+    def __init__(self, misses: Sequence[str]) -> None:
+        self.misses = tuple(misses)
+        super().__init__("parity check failed:\n  " + "\n  ".join(self.misses))
+
+
+def variant_files(precision: str) -> tuple[str, str]:
+    if precision == "fp32":
+        return "text.onnx", "vision.onnx"
+    return f"text.{precision}.onnx", f"vision.{precision}.onnx"
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    precisions: Sequence[str] = ("fp32", "int8"),
+    opset: int = 17,
+    name: str = "",
+    *,
+    revision: str = "",
+    source: str = "",
+    evaluation: Mapping[str, float] | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export, check parity, and write the bundle; returns its manifest.
+
+    `checkpoint` is a local CLIPModel directory or a hub id. fp32 is always exported: it is
+    the base of the other variants. `source` (default: the hub id, or the directory's name)
+    and `evaluation` (held-out quality figures, e.g. from the demo training) go in the
+    manifest. Raises ExportError (ParityFailure when a bar is missed).
+    """
+    say = progress or _stderr_progress
+    wanted = _precisions(precisions)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+
+    step = _Steps(say, total=3 + 2 * len(wanted))
+    with step("loading checkpoint " + str(checkpoint)):
+        loaded = _load(checkpoint, revision)
+    text_spec = _text_spec(loaded)
+    vision_spec = _vision_spec(loaded)
+
+    with step("writing tokenizer.json and checking it against transformers' tokenizer"):
+        from clipsearch.export.tokenizers import save_tokenizer_json
+
+        save_tokenizer_json(loaded.tokenizer, out / TOKENIZER_FILE)
+        _check_tokenizer(loaded.tokenizer, out / TOKENIZER_FILE, text_spec)
+
+    with step(f"exporting the fp32 towers to ONNX (opset {opset})"):
+        _export_fp32(loaded, out, opset, text_spec, vision_spec)
+    for precision in wanted:
+        if precision != "fp32":
+            with step(f"making the {precision} variant"):
+                _make_variant(out, precision)
+    _remove_stale_variants(out, wanted)
+
+    with step("PyTorch reference embeddings on the parity inputs"):
+        from clipsearch.export.parity import parity_images, torch_reference
+
+        images = parity_images()
+        reference = torch_reference(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.processor,
+            images,
+            text_spec.context_length,
+        )
+    variants: dict[str, Variant] = {}
+    misses: list[str] = []
+    for precision in wanted:
+        with step(f"parity of the {precision} variant (ONNX Runtime, CPU)"):
+            variant, variant_misses = _check_variant(
+                out,
+                precision,
+                text_spec=text_spec,
+                vision_spec=vision_spec,
+                reference=reference,
+                images=[i.data for i in images],
+                say=say,
+            )
+        variants[precision] = variant
+        misses += variant_misses
+    if misses:
+        raise ParityFailure(misses)
+
+    manifest = Manifest(
+        name=name or _default_name(checkpoint),
+        family=FAMILY,
+        source=source or _default_source(checkpoint),
+        dim=int(reference.text.shape[1]),
+        opset=opset,
+        model_id="",
+        text=text_spec,
+        vision=vision_spec,
+        variants=variants,
+        revision=revision,
+        tokenizer_file=TOKENIZER_FILE,
+        created_with=_created_with(wanted),
+        evaluation=dict(evaluation or {}),
+    )
+    manifest = _with_model_id(manifest, out)
+    manifest.validate()
+    (out / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    say(f"export: bundle written to {out} (model_id {manifest.model_id})")
+    return manifest
+
+
+def main(args: argparse.Namespace) -> int:
+    """Handler of `clipsearch export`."""
+    precisions = [p.strip().lower() for p in str(args.precision).split(",") if p.strip()]
+    try:
+        manifest = export_bundle(
+            args.checkpoint,
+            args.out,
+            precisions=precisions,
+            opset=args.opset,
+            name=args.name,
+            revision=args.revision,
+        )
+    except ExportError as exc:
+        print(f"clipsearch export: {exc}", file=sys.stderr)
+        return 1
+    for precision, variant in manifest.variants.items():
+        print(
+            f"{precision}: text min cosine {variant.text_parity.min_cosine:.6f}, "
+            f"vision min cosine {variant.vision_parity.min_cosine:.6f} "
+            f"(bar {PARITY_BARS[precision]})"
+        )
+    return 0
+
+
+# --- loading and specs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    processor: Any
+
+
+def _load(checkpoint: str | Path, revision: str) -> _Loaded:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+    if config.model_type != "clip":
+        raise ExportError(
+            f"{checkpoint} is a {config.model_type!r} model; this exporter handles CLIP "
+            "(model_type 'clip') checkpoints"
+        )
+    try:
+        model: Any = CLIPModel.from_pretrained(
+            str(checkpoint), dtype=torch.float32, attn_implementation="eager", **kwargs
+        )
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), **kwargs)
+        # The PIL backend is transformers' reference CLIPImageProcessor (the default class
+        # needs torchvision in transformers 5); the server reproduces it exactly.
+        processor = CLIPImageProcessorPil.from_pretrained(str(checkpoint), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+    return _Loaded(model=model, tokenizer=tokenizer, processor=processor)
+
+
+def _text_spec(loaded: _Loaded) -> TextSpec:
+    tokenizer = loaded.tokenizer
+    context = int(loaded.model.config.text_config.max_position_embeddings)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_max, int) and 2 <= tokenizer_max < context:
+        context = tokenizer_max
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    if bos is None or eos is None:
+        raise ExportError("the tokenizer has no BOS or EOS token; CLIP text needs both")
+    pad = eos if pad is None else pad
+    sample = tokenizer("a")["input_ids"]
+    if sample[0] != bos or sample[-1] != eos:
+        raise ExportError(f"the tokenizer does not wrap texts in BOS ... EOS (got {sample})")
+
+    # The text tower pools at EOS; a config whose eos_token_id disagrees with the tokenizer
+    # silently pools position 0 (argmax of all-false) and every text embeds alike.
+    pooling_eos = loaded.model.text_model.eos_token_id
+    if pooling_eos == 2:
+        top_id = max(tokenizer.get_vocab().values())
+        if eos != top_id:
+            raise ExportError(
+                "text_config.eos_token_id is 2 (legacy: pool at the largest id), but the "
+                f"tokenizer's EOS {eos} is not its largest id {top_id}; set "
+                f"text_config.eos_token_id={eos}"
+            )
+    elif pooling_eos != eos:
+        raise ExportError(
+            f"text_config.eos_token_id is {pooling_eos} but the tokenizer's EOS is {eos}: the "
+            f"tower would pool the wrong position; set text_config.eos_token_id={eos}"
+        )
+    return TextSpec(context_length=context, bos_id=bos, eos_id=eos, pad_id=pad)
+
+
+def _vision_spec(loaded: _Loaded) -> VisionSpec:
+    p = loaded.processor
+    steps = {
+        "do_resize": p.do_resize,
+        "do_center_crop": p.do_center_crop,
+        "do_rescale": p.do_rescale,
+        "do_normalize": p.do_normalize,
+    }
+    off = [name for name, on in steps.items() if not on]
+    if off or p.do_convert_rgb is False:
+        raise ExportError(f"image processor settings not supported: {off or 'do_convert_rgb'}")
+    shortest = _size_field(p.size, "shortest_edge")
+    height, width = _size_field(p.crop_size, "height"), _size_field(p.crop_size, "width")
+    if not shortest or not height or height != width:
+        raise ExportError(
+            f"image processor size {p.size} / crop {p.crop_size} not supported: need a "
+            "shortest_edge resize and a square center crop"
+        )
+    model_size = int(loaded.model.config.vision_config.image_size)
+    if height != model_size:
+        raise ExportError(f"crop size {height} differs from the vision tower's {model_size}")
+    resample = _RESAMPLE_NAMES.get(int(p.resample))
+    if resample is None:
+        raise ExportError(f"image resample {p.resample} not supported")
+    return VisionSpec(
+        image_size=int(height),
+        resize_shortest_edge=int(shortest),
+        mean=_three(p.image_mean),
+        std=_three(p.image_std),
+        resample=resample,
+        crop="center",
+        rescale_factor=float(p.rescale_factor),
+    )
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return None if value is None else int(value)
+
+
+def _three(values: Any) -> tuple[float, float, float]:
+    items = [float(v) for v in (values if isinstance(values, list | tuple) else [values] * 3)]
+    if len(items) != 3:
+        raise ExportError(f"expected 3 channel values, got {values}")
+    return items[0], items[1], items[2]
+
+
+def _check_tokenizer(hf_tokenizer: Any, tokenizer_file: Path, spec: TextSpec) -> None:
+    from clipsearch.export.parity import PARITY_TEXTS
+    from clipsearch.server.text import TextTokenizer
+
+    ours = TextTokenizer(tokenizer_file, spec).tokenize(PARITY_TEXTS)
+    theirs = hf_tokenizer(list(PARITY_TEXTS), truncation=True, max_length=spec.context_length)[
+        "input_ids"
+    ]
+    for text, mine, ref in zip(PARITY_TEXTS, ours, theirs, strict=True):
+        if mine.ids.tolist() != list(ref):
+            raise ExportError(
+                f"the server tokenizer disagrees with transformers' on {text[:40]!r}: "
+                f"{mine.ids.tolist()[:12]} vs {list(ref)[:12]}"
+            )
+
+
+# --- graphs -------------------------------------------------------------------------------
+
+
+def _export_fp32(
+    loaded: _Loaded, out: Path, opset: int, text_spec: TextSpec, vision_spec: VisionSpec
+) -> None:
+    import torch
+
+    from clipsearch.export.towers import export_text_tower, export_vision_tower
+
+    text_file, vision_file = variant_files("fp32")
+    # Two rows of different lengths, padded: the trace sees EOS pooling and padding.
+    example = loaded.tokenizer(
+        ["a photo of a cat", "a photo of a red circle next to a blue square"],
+        padding="longest",
+        return_tensors="pt",
+    )["input_ids"].to(torch.int64)
+    export_text_tower(loaded.model, out / text_file, opset, example)
+    export_vision_tower(loaded.model, out / vision_file, opset, vision_spec.image_size)
+
+
+def _make_variant(out: Path, precision: str) -> None:
+    from clipsearch.export.variants import make_fp16, make_int8
+
+    make = {"int8": make_int8, "fp16": make_fp16}[precision]
+    for base, target in zip(variant_files("fp32"), variant_files(precision), strict=True):
+        make(out / base, out / target)
+
+
+def _remove_stale_variants(out: Path, wanted: Sequence[str]) -> None:
+    for precision in PRECISIONS:
+        if precision not in wanted:
+            for file in variant_files(precision):
+                (out / file).unlink(missing_ok=True)
+
+
+# --- parity -------------------------------------------------------------------------------
+
+
+def _check_variant(
+    out: Path,
+    precision: str,
+    *,
+    text_spec: TextSpec,
+    vision_spec: VisionSpec,
+    reference: Any,
+    images: Sequence[bytes],
+    say: Progress,
+) -> tuple[Variant, list[str]]:
+    from clipsearch.export.parity import PARITY_TEXTS, OnnxTowers, batch_invariance, compare
+
+    text_file, vision_file = variant_files(precision)
+    towers = OnnxTowers.load(
+        out / text_file, out / vision_file, out / TOKENIZER_FILE, text_spec, vision_spec
+    )
+    pixels = towers.preprocess(images)
+    text_parity = compare(reference.text, towers.encode_texts(PARITY_TEXTS))
+    vision_parity = compare(reference.image, towers.run_vision(pixels))
+    misses = [
+        _miss(tower, precision, parity)
+        for tower, parity in (("text", text_parity), ("vision", vision_parity))
+        if parity.min_cosine < PARITY_BARS[precision]
+    ]
+    batch_text = batch_invariance(towers.encode_texts, PARITY_TEXTS)
+    batch_vision = batch_invariance(towers.run_vision, pixels)
+    say(
+        f"export:   {precision}: text min cosine {text_parity.min_cosine:.6f}, vision min "
+        f"cosine {vision_parity.min_cosine:.6f} (bar {PARITY_BARS[precision]}); batch of 1 "
+        f"vs batch row: text {batch_text:.2e}, vision {batch_vision:.2e}"
+    )
+    if precision == "fp32":
+        # int8 activations share one quantization scale per batch, so only fp32 (and fp16)
+        # are batch-invariant; fp16 on CPU is checked by its cosine bar alone.
+        misses += [
+            f"fp32 {tower} tower: an item alone differs from its row in a batch by {diff:.2e} "
+            f"(bar {BATCH_INVARIANCE_BAR:.0e})"
+            for tower, diff in (("text", batch_text), ("vision", batch_vision))
+            if diff > BATCH_INVARIANCE_BAR
+        ]
+    variant = Variant(
+        precision=precision,
+        text_file=text_file,
+        vision_file=vision_file,
+        text_parity=text_parity,
+        vision_parity=vision_parity,
+    )
+    return variant, misses
+
+
+def _miss(tower: str, precision: str, parity: Parity) -> str:
+    bar = PARITY_BARS[precision]
+    return (
+        f"{precision} {tower} tower: min cosine {parity.min_cosine:.6f} is "
+        f"{bar - parity.min_cosine:.6f} below the bar {bar}"
+    )
+
+
+# --- manifest -----------------------------------------------------------------------------
+
+
+def _precisions(precisions: Sequence[str]) -> list[str]:
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ExportError(f"unknown precision {unknown}; choose from {', '.join(PRECISIONS)}")
+    return [p for p in PRECISIONS if p == "fp32" or p in precisions]
+
+
+def _default_name(checkpoint: str | Path) -> str:
+    return Path(str(checkpoint)).name or str(checkpoint)
+
+
+def _default_source(checkpoint: str | Path) -> str:
+    path = Path(checkpoint)
+    return path.name if path.is_dir() else str(checkpoint)
+
+
+def _with_model_id(manifest: Manifest, out: Path) -> Manifest:
+    """name + sha256 prefix of the fp32 graphs: changes whenever the weights do."""
+    import dataclasses
+
+    digest = hashlib.sha256()
+    for file in variant_files("fp32"):
+        with (out / file).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return dataclasses.replace(manifest, model_id=f"{manifest.name}-{digest.hexdigest()[:16]}")
+
+
+def _created_with(precisions: Sequence[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str] = {}
+    for package in ("clipsearch", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+    versions["pillow"] = version("pillow")
+    if "fp16" in precisions:
+        versions["fp16_parity"] = (
+            "measured with onnxruntime's CPUExecutionProvider, which runs ops lacking fp16 CPU "
+            "kernels (MatMul, Add, ...) in fp32 between inserted Casts: the figures cover fp16 "
+            "weights and fp16 activations between ops, not GPU fp16 arithmetic"
+        )
+    return versions
+
+
+class _Steps:
+    """`with step("..."):` prints the step when it starts and its time when it ends."""
+
+    def __init__(self, say: Progress, total: int) -> None:
+        self._say = say
+        self._total = total
+        self._n = 0
+
+    def __call__(self, what: str) -> _Step:
+        self._n += 1
+        return _Step(self._say, f"[{self._n}/{self._total}] {what}")
+
+
+class _Step:
+    def __init__(self, say: Progress, label: str) -> None:
+        self._say = say
+        self._label = label
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+        self._say(f"export: {self._label} ...")
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._say(f"export: {self._label}: done in {time.perf_counter() - self._start:.1f}s")
+
+
+def _stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,218 @@
+"""Parity of an exported bundle against PyTorch, on fixed inputs.
+
+The PyTorch side is what a transformers user does: the checkpoint's tokenizer
+(padding="longest", truncation at the context length) and CLIPImageProcessor (the PIL
+backend) feeding `get_text_features` / `get_image_features`. The ONNX Runtime side is what the
+server does: `clipsearch.server.text` and `clipsearch.server.images` on the same texts and the
+same encoded image bytes, one padded batch per tower. A miss is therefore a fault in the graph
+or in our preprocessing; both are what serving would get wrong.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from clipsearch.server.bundle import PARITY_BARS, Parity, TextSpec, VisionSpec
+from clipsearch.server.images import ImagePreprocessor
+from clipsearch.server.text import TextTokenizer
+
+PARITY_TEXTS: tuple[str, ...] = (
+    "a photo of a cat",
+    "A red circle and a blue square on a white background.",
+    "红色的圆形",
+    "一只黑色的狗在绿色的草地上奔跑",
+    "",
+    "   \t\n  ",
+    "emoji 🐱🚀 & punctuation?!... (brackets) [1, 2, 3] — “quotes” 'n' stuff",
+    "Hello 世界, mixed 文字 and English 123",
+    "2024-06-01 12:30: price $9.99 (50% off!)",
+    " ".join(f"word{i} and more" for i in range(40)),  # far past the context length
+    "x" * 300,  # one very long word
+    "dog",
+)
+
+
+@dataclass(frozen=True)
+class ParityImage:
+    name: str
+    data: bytes  # encoded, lossless: the decoded pixels are exactly the generated ones
+
+
+@lru_cache(maxsize=1)
+def parity_images() -> tuple[ParityImage, ...]:
+    """Deterministic images of varied size, aspect, mode and format, generated in code."""
+    specs: list[tuple[str, str, tuple[int, int], str]] = [
+        ("wide_rgb", "RGB", (320, 200), "PNG"),
+        ("tall_rgb", "RGB", (90, 400), "PNG"),
+        ("grayscale", "L", (150, 250), "PNG"),
+        ("rgba", "RGBA", (96, 64), "PNG"),
+        ("gray_alpha", "LA", (40, 70), "PNG"),
+        ("palette_transparent", "P", (120, 80), "GIF"),
+        ("cmyk", "CMYK", (120, 90), "TIFF"),
+        ("tiny", "RGB", (5, 3), "PNG"),
+        ("large", "RGB", (2000, 1500), "BMP"),
+    ]
+    return tuple(
+        ParityImage(name, _encode(_scene(mode, size, seed), fmt))
+        for seed, (name, mode, size, fmt) in enumerate(specs)
+    )
+
+
+def _scene(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [
+        (np.sin(x / (3 + 7 * rng.random()) + rng.random() * 6) * 0.5 + 0.5) * 255,
+        (y / max(height - 1, 1)) * 255,
+        ((x + y) % (17 + seed)) / (17 + seed) * 255,
+        (x / max(width - 1, 1)) * 255,  # alpha: transparent on the left, opaque on the right
+    ]
+    rgba = np.stack(channels, axis=-1).astype(np.uint8)
+    image = Image.fromarray(rgba, "RGBA")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(1, width)), y0 + int(rng.integers(1, height))
+        r, g, b, a = (int(c) for c in rng.integers(0, 256, 4))
+        draw.ellipse((x0, y0, x1, y1), fill=(r, g, b, a))
+    if mode == "P":
+        palette = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        palette.info["transparency"] = 0
+        return palette
+    return image.convert(mode)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# --- the two sides ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """PyTorch embeddings (unnormalized) of PARITY_TEXTS and parity_images()."""
+
+    text: np.ndarray
+    image: np.ndarray
+
+
+def torch_reference(
+    model: Any, tokenizer: Any, processor: Any, images: Sequence[ParityImage], context: int
+) -> Reference:
+    import torch
+
+    from clipsearch.export.towers import features
+
+    tokens = tokenizer(
+        list(PARITY_TEXTS),
+        padding="longest",
+        truncation=True,
+        max_length=context,
+        return_tensors="pt",
+    )
+    pixels = processor(
+        [Image.open(io.BytesIO(image.data)) for image in images], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        text = features(
+            model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
+        )
+        image = features(model.get_image_features(pixel_values=pixels))
+    return Reference(text=text.numpy(), image=image.numpy())
+
+
+@dataclass(frozen=True)
+class OnnxTowers:
+    """ONNX Runtime sessions of one precision variant, fed by the server's preprocessing."""
+
+    text_session: Any
+    vision_session: Any
+    tokenizer: TextTokenizer
+    preprocessor: ImagePreprocessor
+
+    @classmethod
+    def load(
+        cls,
+        text_file: Path,
+        vision_file: Path,
+        tokenizer_file: Path,
+        text_spec: TextSpec,
+        vision_spec: VisionSpec,
+    ) -> OnnxTowers:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # fp16 on CPU warns about every inserted Cast
+        providers = ["CPUExecutionProvider"]
+        return cls(
+            text_session=ort.InferenceSession(str(text_file), options, providers=providers),
+            vision_session=ort.InferenceSession(str(vision_file), options, providers=providers),
+            tokenizer=TextTokenizer(tokenizer_file, text_spec),
+            preprocessor=ImagePreprocessor(vision_spec, fast_jpeg=False),
+        )
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        feeds = self.tokenizer.pad(self.tokenizer.tokenize(texts))
+        out: np.ndarray = self.text_session.run(None, feeds)[0]
+        return out
+
+    def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
+        return self.run_vision(self.preprocess(images))
+
+    def preprocess(self, images: Sequence[bytes]) -> np.ndarray:
+        return np.stack([self.preprocessor(data) for data in images])
+
+    def run_vision(self, pixels: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.vision_session.run(None, {"pixel_values": pixels})[0]
+        return out
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """Per-row cosine; max_abs_diff is between the L2-normalized rows (what the server serves)."""
+    ref = _normalized(reference)
+    got = _normalized(candidate)
+    cosines = np.sum(ref * got, axis=1)
+    return Parity(
+        min_cosine=float(cosines.min()),
+        mean_cosine=float(cosines.mean()),
+        max_abs_diff=float(np.abs(ref - got).max()),
+        n_inputs=len(cosines),
+    )
+
+
+def batch_invariance(
+    encode: Callable[[Any], np.ndarray], items: Sequence[Any] | np.ndarray
+) -> float:
+    """Largest difference between an item encoded alone and its row in the whole batch.
+
+    `items` is what `encode` takes (a list of texts, an array of pixels); sliced per item.
+    """
+    batch = _normalized(encode(items))
+    singles = _normalized(np.concatenate([encode(items[i : i + 1]) for i in range(len(items))]))
+    return float(np.abs(batch - singles).max())
+
+
+def shortfall(precision: str, parity: Parity) -> float:
+    """How far min cosine is below the precision's bar (0 when it meets it)."""
+    return max(0.0, PARITY_BARS[precision] - parity.min_cosine)
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    norms = np.linalg.norm(x64, axis=1, keepdims=True)
+    out: np.ndarray = x64 / np.maximum(norms, 1e-12)
+    return out
