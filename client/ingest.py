@@ -50,6 +50,9 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 
 # A broken connection, a restarting or draining server, or a store that is briefly down.
 RESUMABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# grpc.aio replaces the status of a stream the server ended while a request write was in
+# flight with this one (grpc/grpc#36066): seen when the server stops mid-ingest.
+AIO_WRITE_AFTER_CLOSE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 SLOT_POLL_S = 0.05
 
 
@@ -65,6 +68,11 @@ class Backoff:
     def delay(self, failures: int) -> float:
         base = min(self.maximum_s, self.initial_s * self.multiplier ** max(0, failures - 1))
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+def resumable(error: ClipsearchError) -> bool:
+    """Whether a broken ingest stream may be resumed after this error."""
+    return error.code in RESUMABLE_CODES or (error.code, error.message) == AIO_WRITE_AFTER_CLOSE
 
 
 class Progress(Protocol):
@@ -246,7 +254,7 @@ class IngestState:
                     f"the server ended the ingest stream with {len(self.pending)} items "
                     "unacknowledged"
                 )
-            if error.code not in RESUMABLE_CODES:
+            if not resumable(error):
                 raise error
             self._failures_in_a_row += 1
             if self._failures_in_a_row >= self.max_attempts:

@@ -105,9 +105,14 @@ class ThreadedServer:
 
 
 def quick_settings(db_path: Path, model: Path | None = None, **overrides: Any) -> Settings:
-    """Settings of a quick test server: port 0, a Milvus Lite file, small batches."""
+    """Settings of a quick test server: port 0, a Milvus Lite file, short batch waits.
+
+    fp32: int8 quantizes activations per batch, so a batch's vectors differ slightly from
+    single ones; fp32 keeps "batch == single" exact, which the client tests assert.
+    """
     values: dict[str, Any] = {
         "port": 0,
+        "precision": "fp32",
         "milvus_uri": str(db_path),
         "model": str(model) if model is not None else "",
         "index_type": "FLAT",

@@ -28,6 +28,7 @@ from clipsearch.client.cli import build_parser, main
 from clipsearch.client.errors import (
     AlreadyExists,
     ClipsearchError,
+    Internal,
     InvalidArgument,
     NotFound,
     Unauthenticated,
@@ -48,6 +49,7 @@ from clipsearch.client.types import Hit, IngestItem, SearchResult, Timing
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 NO_WAIT = Backoff(initial_s=0.0, maximum_s=0.0)
+AIO_DETAILS = "Internal error from Core"
 
 
 class FakeRpcError(grpc.RpcError):
@@ -457,9 +459,11 @@ class FakeIngestServer:
         break_after: dict[int, int] | None = None,
         break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
         window: int = 4,
+        details: str = "connection reset",
     ) -> None:
         self.break_after = break_after or {}
         self.break_code = break_code
+        self.details = details
         self.window = window
         self.received: list[list[int]] = []
         self.acked: list[list[int]] = []
@@ -510,7 +514,7 @@ class FakeIngestServer:
                 if request is END:
                     return
                 if self._should_break(attempt, acked):
-                    raise FakeRpcError(self.break_code, "connection reset")
+                    raise FakeRpcError(self.break_code, self.details)
                 with self._lock:
                     state["in_flight"] -= 1
                 acked += 1
@@ -553,7 +557,7 @@ class FakeIngestServer:
                     if request is END:
                         return
                     if self._should_break(attempt, acked):
-                        raise FakeRpcError(self.break_code, "connection reset")
+                        raise FakeRpcError(self.break_code, self.details)
                     state["in_flight"] -= 1
                     acked += 1
                     yield self._ack(attempt, request)
@@ -627,6 +631,19 @@ def test_ingest_does_not_resume_on_errors_that_are_not_transient() -> None:
     with pytest.raises(NotFound):
         list(SyncIngestStream(_state(window=2), _items(3), server.open_sync))
     assert len(server.received) == 1
+
+
+def test_the_aio_write_after_close_artifact_is_resumable() -> None:
+    # grpc.aio reports a stream the server ended during a write as this INTERNAL error.
+    server = FakeIngestServer(
+        break_after={0: 1}, break_code=grpc.StatusCode.INTERNAL, window=2, details=AIO_DETAILS
+    )
+    stream = SyncIngestStream(_state(window=2), _items(4), server.open_sync)
+    assert sorted(r.seq for r in stream) == [0, 1, 2, 3]
+    assert stream.reconnects == 1
+    other = FakeIngestServer(break_after={0: 1}, break_code=grpc.StatusCode.INTERNAL, window=2)
+    with pytest.raises(Internal, match="connection reset"):
+        list(SyncIngestStream(_state(window=2), _items(4), other.open_sync))
 
 
 def test_unreadable_files_fail_locally_and_are_never_sent(tmp_path: Path) -> None:
