@@ -66,6 +66,42 @@ def _register_train_demo(commands: Any) -> None:
     )
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: the committed model's count; fewer for a quick try)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="scenes per step (default: 256)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1, which reproduces the committed model bit for bit; "
+        "other counts change the float summation order)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="also evaluate on held-out scenes every N steps (default: only at the end)",
+    )
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="held-out scenes to evaluate on (default: 800)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="",
+        help="also keep the Hugging Face checkpoint in this directory (default: discard it)",
+    )
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="stop after saving the checkpoint (needs --checkpoint to keep anything)",
+    )
     p.set_defaults(handler=_run_train_demo)
 
 
@@ -91,6 +127,7 @@ def _register_demo_data(commands: Any) -> None:
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     p.set_defaults(handler=_run_demo_data)
 
 
