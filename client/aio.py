@@ -37,7 +37,7 @@ import numpy as np
 from clipsearch.client import convert
 from clipsearch.client.base import ClientBase, profile_description, profiled_rpc
 from clipsearch.client.channel import TlsConfig, bind_methods
-from clipsearch.client.errors import ClipsearchError, from_rpc_error
+from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
 from clipsearch.client.ingest import AsyncIngestStream, Backoff
 from clipsearch.client.profile import Profile, Sample
 from clipsearch.client.sources import open_source
@@ -116,7 +116,8 @@ class AsyncClient(ClientBase):
         return await self._call(convert.info_rpc(), timeout)
 
     async def wait_until_ready(self, timeout: float = 60.0) -> ServerInfo:
-        """Wait for the server to answer (it says UNAVAILABLE while warming up)."""
+        """Wait for the server to answer (it says UNAVAILABLE while warming up); raises
+        Unavailable if it does not within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -126,7 +127,10 @@ class AsyncClient(ClientBase):
                 if not exc.retryable and exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise Unavailable(
+                        f"the server at {self.address} was not ready within {timeout:g} s: "
+                        f"{exc.message}"
+                    ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

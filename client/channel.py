@@ -23,8 +23,10 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 SERVICE = "clipsearch.v1.ClipSearch"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
-# Safe to repeat: reads, encodes, and writes whose repetition ends in the same state
-# (CreateCollection is retried with the caller's exist_ok, Delete of a deleted id is a no-op).
+# Safe to repeat: reads, encodes, and writes whose repetition ends in the same state. If a
+# reply is lost after the server acted, the retry reports what it then finds: a
+# CreateCollection with exist_ok=False raises AlreadyExists, a Delete counts 0 for the ids
+# the first attempt deleted. The state is right either way; use exist_ok=True to be sure.
 RETRYABLE_METHODS = (
     "Info",
     "Encode",

@@ -26,7 +26,7 @@ import numpy as np
 from clipsearch.client import convert
 from clipsearch.client.base import ClientBase, profile_description, profiled_rpc
 from clipsearch.client.channel import TlsConfig, bind_methods
-from clipsearch.client.errors import ClipsearchError, from_rpc_error
+from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
 from clipsearch.client.ingest import Backoff, SyncIngestStream
 from clipsearch.client.profile import Profile, Sample
 from clipsearch.client.sources import open_source
@@ -112,7 +112,8 @@ class Client(ClientBase):
         return self._call(convert.info_rpc(), timeout)
 
     def wait_until_ready(self, timeout: float = 60.0) -> ServerInfo:
-        """Wait for the server to answer (it says UNAVAILABLE while warming up)."""
+        """Wait for the server to answer (it says UNAVAILABLE while warming up); raises
+        Unavailable if it does not within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -122,7 +123,10 @@ class Client(ClientBase):
                 if not exc.retryable and exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise Unavailable(
+                        f"the server at {self.address} was not ready within {timeout:g} s: "
+                        f"{exc.message}"
+                    ) from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 

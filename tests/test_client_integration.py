@@ -12,6 +12,8 @@ import asyncio
 import io
 import json
 import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -36,6 +38,7 @@ from clipsearch.client import (
     Unauthenticated,
     Unavailable,
 )
+from clipsearch.client.channel import TlsConfig
 from clipsearch.client.cli import main
 from clipsearch.client.types import ImageInput
 from clipsearch.export.demo_data import GalleryItem, generate_gallery
@@ -511,6 +514,63 @@ async def test_async_client_retries_like_the_sync_one() -> None:
         grpc_server.stop(None)
 
 
+# --- TLS (the scripted servicer behind ssl_server_credentials) -----------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _issue(name: str, cwd: Path) -> None:
+    """`name`.key/.pem signed by ca.key/ca.pem, valid for DNS name `name`."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+             cwd=cwd)  # fmt: skip
+    (cwd / f"{name}.ext").write_text(f"subjectAltName=DNS:{name}\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
+             cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI for certs")
+def test_mutual_tls(tmp_path: Path) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca",
+             cwd=tmp_path)  # fmt: skip
+    _issue("clipsearch.test", tmp_path)
+    _issue("client.test", tmp_path)
+    pem = {file.name: file.read_bytes() for file in tmp_path.iterdir()}
+    credentials = grpc.ssl_server_credentials(
+        [(pem["clipsearch.test.key"], pem["clipsearch.test.pem"])],
+        root_certificates=pem["ca.pem"],
+        require_client_auth=True,
+    )
+    servicer = FlakyServicer(failures=0)
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ClipSearchServicer_to_server(servicer, grpc_server)  # type: ignore[no-untyped-call]
+    port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
+    grpc_server.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        mutual = TlsConfig(
+            root_certificates=pem["ca.pem"],
+            certificate_chain=pem["client.test.pem"],
+            private_key=pem["client.test.key"],
+            server_name_override="clipsearch.test",
+        )
+        with Client(address, tls=mutual, timeout=10) as client:
+            assert client.count() == 42
+        server_only = TlsConfig(
+            root_certificates=pem["ca.pem"], server_name_override="clipsearch.test"
+        )
+        with Client(address, tls=server_only, retry=False) as client, pytest.raises(Unavailable):
+            client.count()  # the server requires a client certificate
+        with Client(address, retry=False) as plaintext, pytest.raises(Unavailable):
+            plaintext.count()
+    finally:
+        grpc_server.stop(None)
+
+
 # --- profile and the async client ------------------------------------------------------------
 
 
@@ -651,6 +711,13 @@ def test_cli_end_to_end(
     assert out.splitlines()[0].startswith("1 ok, 1 failed, 0 skipped")
     assert out.splitlines()[1:3][0] == "failed:"
     assert out.splitlines()[2].startswith("  bad.jpg: ")
+
+
+def test_wait_until_ready(server: ThreadedServer) -> None:
+    with Client(server.address) as client:
+        assert client.wait_until_ready(timeout=5).dim > 0
+    with Client("127.0.0.1:1") as nowhere, pytest.raises(Unavailable, match="not ready within"):
+        nowhere.wait_until_ready(timeout=0.5)
 
 
 def test_cli_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:

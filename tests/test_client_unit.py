@@ -7,6 +7,8 @@ import asyncio
 import csv
 import json
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -859,3 +861,19 @@ def test_every_client_subcommand_explains_itself(capsys: pytest.CaptureFixture[s
         assert "--server HOST:PORT" in out
         assert "--token" in out
         assert f"usage: clipsearch {command}" in out
+
+
+def test_the_client_imports_only_its_light_dependencies() -> None:
+    code = (
+        "import sys\n"
+        "import clipsearch.client as c, clipsearch.client.commands\n"
+        "c.Client, c.AsyncClient, c.IngestItem, c.open_source\n"
+        "heavy = ('clipsearch.server', 'clipsearch.export', 'PIL', 'torch', 'pymilvus',\n"
+        "         'onnxruntime', 'tokenizers', 'transformers')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or\n"
+        "             any(m.startswith(h + '.') or m == h for h in heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    assert out.strip() == "[]"
