@@ -23,7 +23,13 @@ import numpy as np
 
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.batcher import Batcher, Priority
-from clipsearch.server.errors import ClipsearchError, ErrorCode, InvalidInput, Overloaded
+from clipsearch.server.errors import (
+    ClipsearchError,
+    ErrorCode,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+)
 from clipsearch.server.interceptors import STATUS_OF
 from clipsearch.server.pipeline import Encoded, EncodingPipeline
 from clipsearch.server.store import StoredItem, VectorStore
@@ -80,9 +86,12 @@ class CollectionWriters:
         self._wait_ms = wait_ms
         self._max_queue = max_queue
         self._writers: dict[str, Batcher[StoredItem, None]] = {}
+        self._closed = False
 
     async def write(self, collection: str, item: StoredItem) -> int:
         """Upsert one item in the collection's next group commit; returns store µs."""
+        if self._closed:  # an item still in flight while the server stops
+            raise Unavailable("the server is shutting down; the item was not written")
         writer = self._writers.get(collection)
         if writer is None:
             writer = Batcher(
@@ -103,6 +112,7 @@ class CollectionWriters:
         return [None] * len(items)
 
     async def close(self) -> None:
+        self._closed = True
         writers, self._writers = list(self._writers.values()), {}
         await asyncio.gather(*(w.close() for w in writers))
 
