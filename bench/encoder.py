@@ -227,7 +227,7 @@ async def bench_pipeline(
     report: ModelReport,
     name: str,
 ) -> dict[tuple[str, int], float]:
-    pipeline = EncodingPipeline(encoder, max_batch_size=32, max_wait_ms=5, max_queue=100_000)
+    pipeline = EncodingPipeline(encoder, max_batch_size=32, max_wait_ms=2, max_queue=100_000)
     await pipeline.start()
     tensors = [encoder.preprocessor(p) for p in photos]
     rates: dict[tuple[str, int], float] = {}

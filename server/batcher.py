@@ -88,7 +88,7 @@ class Batcher(Generic[P, R]):
         run_batch: Callable[[list[P]], Sequence[R]],
         *,
         max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 2.0,
         max_queue: int = 4096,
         workers: int = 1,
         bulk_max_wait_ms: float = 500.0,
