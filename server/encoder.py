@@ -76,11 +76,16 @@ class Encoder(Protocol):
 
 
 def choose_precision(asked: str, providers: Sequence[str], available: Sequence[str]) -> str:
-    """auto: fp16 on a GPU, int8 on CPU, where the bundle has them; else fp32."""
+    """auto: fp16 on a GPU where the bundle has it, else fp32.
+
+    int8 is never chosen by itself: dynamic quantization scales activations per batch, so an
+    int8 vector depends (slightly: cosine ~0.99) on which other items shared its batch, and
+    the same image or query would not always get the same vector. It is an opt-in for
+    throughput.
+    """
     on_gpu = providers[0] in GPU_PROVIDERS
     if asked == "auto":
-        preferred = "fp16" if on_gpu else "int8"
-        return preferred if preferred in available else "fp32"
+        return "fp16" if on_gpu and "fp16" in available else "fp32"
     if asked not in available:
         raise BundleError(
             f"precision {asked} was asked for but the bundle has only {sorted(available)}"
