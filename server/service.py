@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from grpc import aio
 
@@ -30,6 +30,14 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
 Context = aio.ServicerContext[Any, Any]
+
+
+class _Timed(Protocol):
+    @property
+    def timing(self) -> pb.Timing: ...
+
+
+R = TypeVar("R", bound=_Timed)
 
 ENCODE_STREAM_WINDOW = 32
 TARGETS = {
@@ -62,16 +70,22 @@ def deadline_of(context: Context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def make_timing(started: float, stage: StageTiming | None = None, search_us: int = 0) -> pb.Timing:
+def with_timing(
+    response: R, started: float, stage: StageTiming | None = None, search_us: int = 0
+) -> R:
+    """`response` with its Timing filled in: the stages, and total since `started`."""
     stage = stage or StageTiming()
-    return pb.Timing(
-        queue_us=stage.queue_us,
-        preprocess_us=stage.preprocess_us,
-        inference_us=stage.inference_us,
-        search_us=search_us,
-        total_us=int((time.perf_counter() - started) * 1e6),
-        batch_size=stage.batch_size,
+    response.timing.CopyFrom(
+        pb.Timing(
+            queue_us=stage.queue_us,
+            preprocess_us=stage.preprocess_us,
+            inference_us=stage.inference_us,
+            search_us=search_us,
+            total_us=int((time.perf_counter() - started) * 1e6),
+            batch_size=stage.batch_size,
+        )
     )
+    return response
 
 
 def metadata_json(metadata: dict[str, Any]) -> str:
@@ -108,8 +122,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         started = time.perf_counter()
         response = pb.InfoResponse()
         response.CopyFrom(self._ready().info)
-        response.timing.CopyFrom(make_timing(started))
-        return response
+        return with_timing(response, started)
 
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
         return await self._encode(self._ready(), request, deadline_of(context))
@@ -160,8 +173,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                     vector=pb.Vector(data=to_bytes(vector)), truncated=truncated
                 )
         response.embeddings.extend(e for e in embeddings if e is not None)
-        response.timing.CopyFrom(make_timing(started, stage))
-        return response
+        return with_timing(response, started, stage)
 
     async def EncodeStream(
         self, request_iterator: AsyncIterator[pb.EncodeRequest], context: Context
@@ -201,10 +213,8 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
     # --- search --------------------------------------------------------------------------
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
-        rt = self._ready()
         started = time.perf_counter()
-        collection = self._collection(request.collection)
-        catalog_us = await rt.catalog.guarded(collection)
+        rt, collection, catalog_us = await self._open(request.collection)
         kind = request.WhichOneof("query")
         query = SearchQuery(
             collection=collection,
@@ -233,10 +243,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                 caption=hit.caption,
                 metadata_json=metadata_json(hit.metadata),
             )
-        response.timing.CopyFrom(
-            make_timing(started, outcome.encoding, outcome.search_us + catalog_us)
-        )
-        return response
+        return with_timing(response, started, outcome.encoding, outcome.search_us + catalog_us)
 
     # --- ingest --------------------------------------------------------------------------
 
@@ -263,81 +270,72 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
 
     # --- items ---------------------------------------------------------------------------
 
-    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
+    async def _open(self, name: str, ids: Sequence[str] | None = None) -> tuple[Runtime, str, int]:
+        """The runtime, the collection (checked against the model) and store µs so far."""
         rt = self._ready()
-        started = time.perf_counter()
-        collection = self._collection(request.collection)
-        if not request.ids:
+        collection = self._collection(name)
+        if ids is not None and not ids:
             raise InvalidInput("no ids given")
-        store_us = await rt.catalog.guarded(collection)
+        return rt, collection, await rt.catalog.guarded(collection)
+
+    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
+        started = time.perf_counter()
+        rt, collection, check_us = await self._open(request.collection, request.ids)
         items, get_us = await rt.store.get(collection, list(request.ids), request.include_vectors)
         found = {item.id for item in items}
         response = pb.GetResponse(
             items=[item_message(item) for item in items],
             missing_ids=[i for i in dict.fromkeys(request.ids) if i not in found],
         )
-        response.timing.CopyFrom(make_timing(started, search_us=store_us + get_us))
-        return response
+        return with_timing(response, started, search_us=check_us + get_us)
 
     async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
-        rt = self._ready()
         started = time.perf_counter()
-        collection = self._collection(request.collection)
-        if not request.ids:
-            raise InvalidInput("no ids given")
-        store_us = await rt.catalog.guarded(collection)
+        rt, collection, check_us = await self._open(request.collection, request.ids)
         deleted, delete_us = await rt.store.delete(collection, list(request.ids))
         response = pb.DeleteResponse(deleted=deleted)
-        response.timing.CopyFrom(make_timing(started, search_us=store_us + delete_us))
-        return response
+        return with_timing(response, started, search_us=check_us + delete_us)
 
     async def Count(self, request: pb.CountRequest, context: Context) -> pb.CountResponse:
-        rt = self._ready()
         started = time.perf_counter()
-        collection = self._collection(request.collection)
-        store_us = await rt.catalog.guarded(collection)
+        rt, collection, check_us = await self._open(request.collection)
         count, count_us = await rt.store.count(collection, request.filter)
-        response = pb.CountResponse(count=count)
-        response.timing.CopyFrom(make_timing(started, search_us=store_us + count_us))
-        return response
+        return with_timing(pb.CountResponse(count=count), started, search_us=check_us + count_us)
 
     # --- collections ---------------------------------------------------------------------
 
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: Context
     ) -> pb.CreateCollectionResponse:
-        rt = self._ready()
         started = time.perf_counter()
-        if not request.name:
-            raise InvalidInput("a collection name is required")
-        created, store_us = await rt.catalog.create(request.name, request.exist_ok)
-        response = pb.CreateCollectionResponse(created=created)
-        response.timing.CopyFrom(make_timing(started, search_us=store_us))
-        return response
+        rt = self._ready()
+        created, store_us = await rt.catalog.create(_named(request.name), request.exist_ok)
+        return with_timing(
+            pb.CreateCollectionResponse(created=created), started, search_us=store_us
+        )
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: Context
     ) -> pb.ListCollectionsResponse:
-        rt = self._ready()
         started = time.perf_counter()
-        infos, store_us = await rt.store.list_collections()
+        infos, store_us = await self._ready().store.list_collections()
         response = pb.ListCollectionsResponse(
             collections=[
                 pb.CollectionInfo(name=i.name, count=i.count, dim=i.dim, model_id=i.model_id)
                 for i in infos
             ]
         )
-        response.timing.CopyFrom(make_timing(started, search_us=store_us))
-        return response
+        return with_timing(response, started, search_us=store_us)
 
     async def DropCollection(
         self, request: pb.DropCollectionRequest, context: Context
     ) -> pb.DropCollectionResponse:
-        rt = self._ready()
         started = time.perf_counter()
-        if not request.name:
-            raise InvalidInput("a collection name is required")
-        store_us = await rt.catalog.drop(request.name)
-        response = pb.DropCollectionResponse()
-        response.timing.CopyFrom(make_timing(started, search_us=store_us))
-        return response
+        store_us = await self._ready().catalog.drop(_named(request.name))
+        return with_timing(pb.DropCollectionResponse(), started, search_us=store_us)
+
+
+def _named(name: str) -> str:
+    if not name:
+        raise InvalidInput("a collection name is required")
+    return name
