@@ -162,3 +162,21 @@ async def test_pipeline_gives_the_encoders_vectors_with_timings(bundle: Bundle) 
             await pipeline.encode_images([jpegs[0], b"\x00\x01 not an image", jpegs[1]])
     finally:
         await pipeline.close()
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_fast_jpeg_path_stays_within_cosine_0995_of_the_exact_path(
+    bundle: Bundle, tmp_path: Path, size: int
+) -> None:
+    from clipsearch.export.demo_data import generate_gallery
+
+    items = generate_gallery(tmp_path, 40, seed=3, size=size)
+    exact = OnnxEncoder(bundle, EncoderOptions(precision="fp32", fast_jpeg=False, warmup=False))
+    fast = OnnxEncoder(bundle, EncoderOptions(precision="fp32", fast_jpeg=True, warmup=False))
+    data = [(tmp_path / item.path).read_bytes() for item in items]
+    cosines = np.sum(
+        exact.encode_images([exact.preprocessor(d) for d in data])
+        * fast.encode_images([fast.preprocessor(d) for d in data]),
+        axis=1,
+    )
+    assert cosines.min() >= 0.995, f"min cosine {cosines.min():.5f}"
