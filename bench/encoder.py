@@ -125,7 +125,13 @@ def torch_towers(
 
 
 def bench_model(
-    name: str, bundle: Bundle, checkpoint: Path | None, seconds: float, pipeline_items: int
+    name: str,
+    bundle: Bundle,
+    checkpoint: Path | None,
+    *,
+    seconds: float,
+    pipeline_items: int,
+    work_dir: Path,
 ) -> ModelReport:
     report = ModelReport(name)
     size = bundle.manifest.vision.image_size
@@ -199,7 +205,33 @@ def bench_model(
     report.ratios["batcher_vs_raw_c32"] = pipeline_rates["tensor", 32] / raw_best
     report.ratios["jpeg_vs_tensor"] = pipeline_rates["jpeg", 32] / pipeline_rates["tensor", 32]
     report.ratios["raw_best_batch_items_per_s"] = raw_best
+    report.ratios.update(fast_jpeg_figures(bundle, work_dir))
     return report
+
+
+def fast_jpeg_figures(bundle: Bundle, work_dir: Path) -> dict[str, float]:
+    """Fast (DCT-scaled) vs exact JPEG decoding on the demo gallery at 512 px."""
+    from clipsearch.export.demo_data import generate_gallery
+
+    gallery = work_dir / "gallery-512"
+    items = generate_gallery(gallery, 200, seed=11, size=512)
+    data = [(gallery / item.path).read_bytes() for item in items]
+    encoders = {
+        fast: OnnxEncoder(bundle, EncoderOptions(precision="fp32", fast_jpeg=fast, warmup=False))
+        for fast in (False, True)
+    }
+    seconds: dict[bool, float] = {}
+    vectors: dict[bool, np.ndarray] = {}
+    for fast, encoder in encoders.items():
+        started = time.perf_counter()
+        pixels = [encoder.preprocessor(d) for d in data]
+        seconds[fast] = time.perf_counter() - started
+        vectors[fast] = encoder.encode_images(pixels)
+    cosines = np.sum(vectors[False] * vectors[True], axis=1)
+    return {
+        "fast_jpeg_min_cosine": float(cosines.min()),
+        "fast_jpeg_decode_speedup": seconds[False] / seconds[True],
+    }
 
 
 def int8_min_cosine(fp32: OnnxEncoder, int8: OnnxEncoder, size: int) -> float:
@@ -277,7 +309,12 @@ def main(args: argparse.Namespace) -> int:
         print("bench: ViT-B/32 (random weights)", file=sys.stderr)
         reports.append(
             bench_model(
-                "vit-b/32 random", load_bundle(bundle_dir), checkpoint, args.seconds, args.items
+                "vit-b/32 random",
+                load_bundle(bundle_dir),
+                checkpoint,
+                seconds=args.seconds,
+                pipeline_items=args.items,
+                work_dir=work,
             )
         )
     demo_checkpoint = Path(args.demo_checkpoint) if args.demo_checkpoint else None
@@ -287,8 +324,9 @@ def main(args: argparse.Namespace) -> int:
             "demo",
             load_bundle(default_bundle_path()),
             demo_checkpoint,
-            args.seconds,
-            args.items * 4,
+            seconds=args.seconds,
+            pipeline_items=args.items * 4,
+            work_dir=work,
         )
     )
     headline = reports[0].ratios
