@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
+from clipsearch.export.demo_data import generate_gallery
 from clipsearch.export.exporter import export_bundle
 from clipsearch.export.tokenizers import make_random_clip_checkpoint
 from clipsearch.server.batcher import Priority
@@ -211,8 +212,6 @@ def bench_model(
 
 def fast_jpeg_figures(bundle: Bundle, work_dir: Path) -> dict[str, float]:
     """Fast (DCT-scaled) vs exact JPEG decoding on the demo gallery at 512 px."""
-    from clipsearch.export.demo_data import generate_gallery
-
     gallery = work_dir / "gallery-512"
     items = generate_gallery(gallery, 200, seed=11, size=512)
     data = [(gallery / item.path).read_bytes() for item in items]
