@@ -39,6 +39,8 @@ from clipsearch.server.store import (
     StoredItem,
     Target,
 )
+from clipsearch.server.store.consistency import ReadConsistency
+from clipsearch.server.store.lite import MemtableFlusher
 from clipsearch.server.store.validation import COMPANION_SUFFIX
 
 DIM = 16
@@ -665,3 +667,62 @@ def test_server_stopping_under_a_store_gives_unavailable(tmp_path: Path) -> None
     with pytest.raises(Unavailable):
         store.upsert("c", items(["x"], seed=0))
     store.close()
+
+
+# --- Milvus Lite specifics and helpers ----------------------------------------------------
+
+
+def test_writes_across_flushed_lite_segments_stay_exact(tmp_path: Path) -> None:
+    # Flushing every 8 rows puts most items in segments, so replacing and deleting them
+    # goes through Milvus Lite's segment paths, not just its memtable.
+    with MilvusStore(str(tmp_path / "flushed.db"), lite_flush_rows=8) as store:
+        store.create_collection("c", DIM, "m")
+        ids = [f"f{i}" for i in range(60)]
+        for start in range(0, 60, 7):
+            store.upsert("c", items(ids[start : start + 7], seed=20 + start))
+        assert store.count("c") == 60
+        store.upsert("c", items(ids[:30], seed=40, captioned=False))
+        assert store.count("c") == 60
+        assert store.delete("c", [*ids[25:35], "nope"]) == 10
+        assert store.count("c") == 50
+        assert store.existing_ids("c", ids[20:40]) == set(ids[20:25] + ids[35:40])
+        query = items(ids[:30], seed=40)[3].image_vector
+        assert store.search("c", query, Target.IMAGE, 1)[0].id == "f3"  # type: ignore[arg-type]
+        captioned = {hit.id for hit in store.search("c", query, Target.CAPTION, 100)}  # type: ignore[arg-type]
+        assert captioned == set(ids[35:60])
+
+
+def test_memtable_flusher_flushes_at_the_row_budget_and_when_idle() -> None:
+    flushed: list[str] = []
+    idle_flush = threading.Event()
+    flusher: MemtableFlusher
+
+    def flush_idle(collection: str) -> None:
+        flushed.append(collection)
+        flusher.flushed(collection)
+        idle_flush.set()
+
+    flusher = MemtableFlusher(flush_idle, every_rows=10, idle_s=0.05)
+    try:
+        assert flusher.written("a", 4) is False
+        assert flusher.written("b", 10) is True  # the writer flushes b itself
+        flusher.flushed("b")
+        assert idle_flush.wait(timeout=10)
+        assert flushed == ["a"]
+    finally:
+        flusher.close()
+
+
+def test_reads_after_a_delete_are_strong_until_one_completes() -> None:
+    reads = ReadConsistency()
+    assert reads.level("c").level == "Session"
+    reads.deleted("c")
+    first = reads.level("c")
+    assert first.level == "Strong"
+    reads.deleted("c")  # a delete while the first Strong read is in flight
+    reads.completed("c", first)
+    second = reads.level("c")
+    assert second.level == "Strong"
+    reads.completed("c", second)
+    assert reads.level("c").level == "Session"
+    assert reads.level("other").level == "Session"

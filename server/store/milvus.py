@@ -64,7 +64,7 @@ from clipsearch.server.store.api import (
 )
 from clipsearch.server.store.consistency import SESSION, ReadConsistency
 from clipsearch.server.store.indexing import IndexConfig, check_window, search_params
-from clipsearch.server.store.lite import LiteDatabase
+from clipsearch.server.store.lite import FLUSH_EVERY_ROWS, LiteDatabase, MemtableFlusher
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,19 @@ class MilvusStore:
     def __init__(
         self,
         uri: str,
+        *,
         token: str = "",
         index: IndexConfig | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         ddl_timeout_s: float = DEFAULT_DDL_TIMEOUT_S,
+        lite_flush_rows: int = FLUSH_EVERY_ROWS,
     ) -> None:
         """Connect (or open the Milvus Lite file) and load every clipsearch collection.
 
         `index` applies to collections created from now on; each existing collection keeps
-        its own index, read back from Milvus. Raises Unavailable when Milvus cannot be
-        reached, ConfigurationError for a Milvus Lite path that does not end in `.db`."""
+        its own index, read back from Milvus. `lite_flush_rows`: see `lite`. Raises
+        Unavailable when Milvus cannot be reached, ConfigurationError for a Milvus Lite path
+        that does not end in `.db`."""
         self._index = index or IndexConfig.defaults_for("HNSW", "IP")
         self._timeout_s = timeout_s
         self._ddl_timeout_s = ddl_timeout_s
@@ -125,6 +128,9 @@ class MilvusStore:
         # into domain errors that the service reports, so that log would only repeat them.
         logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
         self._lite = LiteDatabase.open(uri) if "://" not in uri else None
+        self._flusher = (
+            MemtableFlusher(self._flush_idle, every_rows=lite_flush_rows) if self._lite else None
+        )
         self._description = str(self._lite.path) if self._lite else _redacted(uri)
         try:
             self._client = MilvusClient(
@@ -186,6 +192,11 @@ class MilvusStore:
             self._drop_if_exists(companion)
             self._create_one(companion, CAPTION_VECTOR, dim, {})
             self._create_one(name, IMAGE_VECTOR, dim, properties)
+            # Loading takes seconds on a Milvus server: load both at once, then wait for both.
+            self._call(lambda: self._client.load_collection(companion, _async=True), name)
+            for loaded in (name, companion):
+                load = partial(self._client.load_collection, loaded, timeout=self._ddl_timeout_s)
+                self._call(load, name)
         except BaseException:
             for leftover in (name, companion):
                 try:
@@ -225,14 +236,13 @@ class MilvusStore:
             name,
         )
         # Not waiting for the (empty) index to build avoids a poll Milvus Lite does not
-        # implement; the load below waits for everything the collection needs.
+        # implement; loading the collection waits for everything it needs.
         self._call(
             lambda: self._client.create_index(
                 name, index_params, sync=False, timeout=self._ddl_timeout_s
             ),
             name,
         )
-        self._call(lambda: self._client.load_collection(name, timeout=self._ddl_timeout_s), name)
 
     def _drop_if_exists(self, name: str) -> None:
         if self._call(lambda: self._client.has_collection(name, timeout=self._timeout_s)):
@@ -246,8 +256,10 @@ class MilvusStore:
                 self._collections.pop(name, None)
             self._call(lambda: self._client.drop_collection(name, timeout=self._ddl_timeout_s))
             self._drop_if_exists(companion_name(name))
-            self._reads.forget(name)
-            self._reads.forget(companion_name(name))
+            for forgotten in (name, companion_name(name)):
+                self._reads.forget(forgotten)
+                if self._flusher:
+                    self._flusher.flushed(forgotten)
 
     def list_collections(self) -> list[CollectionInfo]:
         names = self._call(lambda: self._client.list_collections(timeout=self._timeout_s))
@@ -282,14 +294,9 @@ class MilvusStore:
                 caption_rows.append(caption_row)
         with self._write_lock:
             for rows in _batches(image_rows):
-                self._call(partial(self._client.upsert, name, rows, timeout=self._timeout_s), name)
+                self._upsert_rows(collection, name, rows)
             for rows in _batches(caption_rows):
-                self._call(
-                    partial(
-                        self._client.upsert, collection.companion, rows, timeout=self._timeout_s
-                    ),
-                    name,
-                )
+                self._upsert_rows(collection, collection.companion, rows)
             # Only ids that have a caption vector now: a delete makes the next read Strong.
             stale = self._query_ids(collection, collection.companion, without_caption, ["id"])
             self._delete_ids(collection, collection.companion, [row["id"] for row in stale])
@@ -393,6 +400,8 @@ class MilvusStore:
     def close(self) -> None:
         if self._closed:
             return
+        if self._flusher:
+            self._flusher.close()
         self._closed = True
         try:
             self._client.close()
@@ -457,6 +466,22 @@ class MilvusStore:
             self._call(
                 lambda: self._client.load_collection(name, timeout=self._ddl_timeout_s), name
             )
+
+    def _upsert_rows(self, collection: _Collection, name: str, rows: list[dict[str, Any]]) -> None:
+        """Upsert into the Milvus collection `name` (`collection` or its companion)."""
+        self._call(
+            partial(self._client.upsert, name, rows, timeout=self._timeout_s), collection.name
+        )
+        if self._flusher and self._flusher.written(name, len(rows)):
+            self._call(partial(self._client.flush, name, timeout=self._ddl_timeout_s), name)
+            self._flusher.flushed(name)
+
+    def _flush_idle(self, name: str) -> None:
+        """Flush the Milvus Lite collection `name` (called by the idle flusher's thread)."""
+        with self._write_lock:
+            self._call(partial(self._client.flush, name, timeout=self._ddl_timeout_s), name)
+            if self._flusher:
+                self._flusher.flushed(name)
 
     def _delete_ids(self, collection: _Collection, name: str, ids: Sequence[str]) -> None:
         """Delete `ids` from the Milvus collection `name` (`collection` or its companion)."""
