@@ -5,7 +5,8 @@ searchable. Milvus 2.3 answers Delete without a timestamp, so pymilvus does not 
 mark forward on a delete and a Session read right after one can still see the deleted item
 (observed here with Milvus 2.3.5 and pymilvus 3.0.2). So after a delete, reads of that
 collection use Strong until one Strong read has completed: from then on the server has
-applied the delete and Session is enough again.
+applied the delete and Session is enough again. A delete followed by a write to the same
+collection needs none of this: the write's timestamp is later, and Session waits for it.
 """
 
 from __future__ import annotations

@@ -19,9 +19,15 @@ process made before it (pymilvus keeps the timestamp of the last write per colle
 the server waits for it), which is the read-your-writes the service needs after it has
 acknowledged an upsert. Strong would wait for the newest timestamp on every read, about
 0.2 s per search on Milvus 2.3 standalone even with no write in flight; Session waits only
-while this process's own writes are not yet searchable. Writes made by other processes
-become visible as the server catches up (bounded staleness). Milvus Lite applies every
-write before acknowledging it, so every level reads the same there.
+while this process's own writes are not yet searchable (up to one time tick, ~0.2 s, for
+the first read after a write). Milvus 2.3 gives deletes no timestamp, so after a delete
+reads of that collection are Strong until one has completed (`consistency`). Writes made
+by other processes become visible as the server catches up (bounded staleness). Milvus
+Lite applies every write before acknowledging it, so every level reads the same there.
+
+Upserting an item without a caption deletes its caption vector without first asking
+whether it has one (such a read would wait for this process's earlier writes: 0.2 s per
+batch on a server).
 
 Threads. The store is safe to call from several threads. pymilvus's client is a gRPC
 channel, safe for concurrent calls. Milvus Lite 3.2 does not serialize concurrent writes
@@ -293,13 +299,24 @@ class MilvusStore:
             else:
                 caption_rows.append(caption_row)
         with self._write_lock:
-            for rows in _batches(image_rows):
-                self._upsert_rows(collection, name, rows)
-            for rows in _batches(caption_rows):
-                self._upsert_rows(collection, collection.companion, rows)
-            # Only ids that have a caption vector now: a delete makes the next read Strong.
-            stale = self._query_ids(collection, collection.companion, without_caption, ["id"])
-            self._delete_ids(collection, collection.companion, [row["id"] for row in stale])
+            # Old caption vectors go first, without asking which exist (a read here would wait
+            # for this process's earlier writes to become searchable: ~0.2 s per batch on a
+            # server); the caption upserts that follow make the deletes visible to Session reads.
+            self._delete_ids(
+                collection,
+                collection.companion,
+                without_caption,
+                followed_by_write=bool(caption_rows),
+            )
+            try:
+                for rows in _batches(image_rows):
+                    self._upsert_rows(collection, name, rows)
+                for rows in _batches(caption_rows):
+                    self._upsert_rows(collection, collection.companion, rows)
+            except BaseException:
+                if without_caption and caption_rows:
+                    self._reads.deleted(collection.companion)
+                raise
 
     def get(self, name: str, ids: Sequence[str], include_vectors: bool = False) -> list[StoredItem]:
         collection = self._collection(name)
@@ -483,15 +500,26 @@ class MilvusStore:
             if self._flusher:
                 self._flusher.flushed(name)
 
-    def _delete_ids(self, collection: _Collection, name: str, ids: Sequence[str]) -> None:
-        """Delete `ids` from the Milvus collection `name` (`collection` or its companion)."""
+    def _delete_ids(
+        self,
+        collection: _Collection,
+        name: str,
+        ids: Sequence[str],
+        *,
+        followed_by_write: bool = False,
+    ) -> None:
+        """Delete `ids` from the Milvus collection `name` (`collection` or its companion).
+
+        `followed_by_write`: the caller writes to `name` next, which makes Session reads see
+        these deletes; otherwise reads turn Strong until they do (see `consistency`)."""
         for chunk in expressions.chunks(ids):
             expression = expressions.ids_in(chunk)
             self._call(
                 partial(self._client.delete, name, filter=expression, timeout=self._timeout_s),
                 collection.name,
             )
-            self._reads.deleted(name)
+            if not followed_by_write:
+                self._reads.deleted(name)
 
     def _query_ids(
         self, collection: _Collection, name: str, ids: Sequence[str], fields: list[str]
