@@ -207,6 +207,9 @@ def test_create_list_describe_drop(store: MilvusStore, name: str) -> None:
 def test_invalid_collection_names_are_refused(store: MilvusStore, bad: str) -> None:
     with pytest.raises(InvalidInput):
         store.create_collection(bad, DIM, "m")
+    # reading: a malformed name is bad input, a companion's name just does not exist
+    with pytest.raises(NotFound if bad.endswith(COMPANION_SUFFIX) else InvalidInput):
+        store.count(bad)
 
 
 def test_invalid_dim_and_model_are_refused(store: MilvusStore, name: str) -> None:
@@ -604,18 +607,39 @@ def test_from_settings_uses_index_type_metric_and_params(tmp_path: Path) -> None
         assert (index["index_type"], index["metric_type"]) == ("IVF_FLAT", "COSINE")
 
 
-@pytest.mark.parametrize("index_type", ["FLAT", "HNSW", "AUTOINDEX"])
-def test_each_index_type_searches_exactly_at_small_scale(tmp_path: Path, index_type: str) -> None:
-    with MilvusStore(
-        str(tmp_path / "index.db"), index=IndexConfig.defaults_for(index_type, "IP")
-    ) as store:
-        store.create_collection("c", DIM, "m")
-        gallery = items([f"v{i}" for i in range(30)], seed=14)
-        store.upsert("c", gallery)
-        vectors = np.stack([item.image_vector for item in gallery])  # type: ignore[misc]
-        query = unit_vectors(1, DIM, 15)[0]
-        expected = [f"v{i}" for i in np.argsort(-(vectors @ query))[:5]]
-        assert [h.id for h in store.search("c", query, Target.IMAGE, 5)] == expected
+@pytest.mark.parametrize(
+    ("index_type", "metric", "build_params", "search_params"),
+    [
+        ("FLAT", "IP", "", ""),
+        ("HNSW", "COSINE", "", ""),
+        ("AUTOINDEX", "IP", "", ""),
+        ("IVF_FLAT", "IP", '{"nlist": 4}', '{"nprobe": 4}'),  # every cell: exact
+    ],
+)
+def test_each_index_type_and_metric_ranks_like_numpy(
+    backend: Backend, index_type: str, metric: str, build_params: str, search_params: str
+) -> None:
+    name = f"index_{index_type.lower()}_{uuid.uuid4().hex[:6]}"
+    gallery = items([f"v{i}" for i in range(30)], seed=14)
+    vectors = np.stack([item.image_vector for item in gallery])  # type: ignore[misc]
+    query = unit_vectors(1, DIM, 15)[0]
+    order = np.argsort(-(vectors @ query))[:5]
+
+    def check(store: MilvusStore) -> None:
+        hits = store.search(name, query, Target.IMAGE, 5)
+        assert [h.id for h in hits] == [f"v{i}" for i in order]
+        np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[order], atol=1e-5)
+
+    config = IndexConfig.from_strings(index_type, metric, build_params, search_params)
+    with MilvusStore(backend.uri, index=config) as store:
+        store.create_collection(name, DIM, "m")
+        store.upsert(name, gallery)
+        check(store)
+    with MilvusStore(backend.uri) as reopened:  # other settings: the collection keeps its index
+        try:
+            check(reopened)
+        finally:
+            reopened.drop_collection(name)
 
 
 def test_bad_settings_are_configuration_errors(tmp_path: Path) -> None:
@@ -645,8 +669,12 @@ def test_two_stores_on_one_lite_file_share_it(tmp_path: Path) -> None:
 
 def test_unreachable_server_is_unavailable_fast() -> None:
     port = free_port()  # nothing listens there
-    with pytest.raises(Unavailable, match=f"127.0.0.1:{port}"):
+    with pytest.raises(Unavailable, match=f"127.0.0.1:{port}") as error:
         MilvusStore(f"http://127.0.0.1:{port}", token="root:s3cret-token", timeout_s=3)
+    assert "s3cret" not in str(error.value)
+    with pytest.raises(Unavailable) as error:
+        MilvusStore(f"http://root:s3cret@127.0.0.1:{port}", timeout_s=3)
+    assert "s3cret" not in str(error.value)
 
 
 @pytest.mark.slow  # starts its own Milvus server (~10 s) to stop it under a connected store

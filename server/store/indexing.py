@@ -68,6 +68,14 @@ class IndexConfig:
     def defaults_for(cls, index_type: str, metric: str) -> IndexConfig:
         return cls.from_strings(index_type, metric, "", "")
 
+    @classmethod
+    def observed(cls, index_type: str, metric: str) -> IndexConfig:
+        """An existing collection's index as Milvus describes it. An index type made by
+        other means (e.g. IVF_SQ8) gets no default search params: Milvus's own apply."""
+        if index_type in INDEX_TYPES:
+            return cls.defaults_for(index_type, metric)
+        return cls(index_type="FLAT", metric=metric)
+
 
 def _json_object(text: str, setting: str) -> dict[str, Any]:
     if not text.strip():

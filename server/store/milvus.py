@@ -54,6 +54,7 @@ from pymilvus import DataType, MilvusClient
 
 from clipsearch.server.errors import (
     AlreadyExists,
+    ClipsearchError,
     InvalidInput,
     ModelMismatch,
     NotFound,
@@ -199,7 +200,12 @@ class MilvusStore:
             self._create_one(companion, CAPTION_VECTOR, dim, {})
             self._create_one(name, IMAGE_VECTOR, dim, properties)
             # Loading takes seconds on a Milvus server: load both at once, then wait for both.
-            self._call(lambda: self._client.load_collection(companion, _async=True), name)
+            self._call(
+                lambda: self._client.load_collection(
+                    companion, _async=True, timeout=self._timeout_s
+                ),
+                name,
+            )
             for loaded in (name, companion):
                 load = partial(self._client.load_collection, loaded, timeout=self._ddl_timeout_s)
                 self._call(load, name)
@@ -441,8 +447,9 @@ class MilvusStore:
             cached = self._collections.get(name)
         if cached is not None:
             return cached
-        if not isinstance(name, str) or not name or name.endswith(validation.COMPANION_SUFFIX):
+        if isinstance(name, str) and name.endswith(validation.COMPANION_SUFFIX):
             raise NotFound(f"collection {name!r} does not exist")
+        validation.check_collection_name(name)
         description = self._call(
             lambda: self._client.describe_collection(name, timeout=self._timeout_s), name
         )
@@ -457,7 +464,7 @@ class MilvusStore:
         if index_type == self._index.index_type and metric == self._index.metric:
             config = self._index
         else:
-            config = IndexConfig.defaults_for(index_type, metric)
+            config = IndexConfig.observed(index_type, metric)
         collection = _Collection(
             name, int(vector_fields[0]["params"]["dim"]), str(properties[PROPERTY_MODEL_ID]), config
         )
@@ -478,7 +485,7 @@ class MilvusStore:
 
     def _ensure_loaded(self, name: str) -> None:
         state = self._call(lambda: self._client.get_load_state(name, timeout=self._timeout_s), name)
-        if "Loaded" not in str(state.get("state", "")):
+        if getattr(state.get("state"), "name", "") != "Loaded":
             log.info("loading collection %s", name)
             self._call(
                 lambda: self._client.load_collection(name, timeout=self._ddl_timeout_s), name
@@ -490,8 +497,11 @@ class MilvusStore:
             partial(self._client.upsert, name, rows, timeout=self._timeout_s), collection.name
         )
         if self._flusher and self._flusher.written(name, len(rows)):
-            self._call(partial(self._client.flush, name, timeout=self._ddl_timeout_s), name)
-            self._flusher.flushed(name)
+            try:
+                self._call(partial(self._client.flush, name, timeout=self._ddl_timeout_s), name)
+                self._flusher.flushed(name)
+            except ClipsearchError as exc:  # the rows are written; flushing only speeds reads
+                log.warning("flushing %s failed (will retry): %s", name, exc)
 
     def _flush_idle(self, name: str) -> None:
         """Flush the Milvus Lite collection `name` (called by the idle flusher's thread)."""
