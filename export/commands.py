@@ -72,7 +72,7 @@ def _register_train_demo(commands: Any) -> None:
         default=None,
         help="training steps (default: the committed model's count; fewer for a quick try)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="scenes per step (default: 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="scenes per step (default: 64)")
     p.add_argument(
         "--threads",
         type=int,
