@@ -192,7 +192,7 @@ def test_rendering_is_fast_enough_for_training() -> None:
     started = time.perf_counter()
     for _ in range(200):
         demo_data.render_array(demo_data.sample_scene(rng), 64)
-    # Hundreds per second even on a busy shared core (measured ~3,000/s when idle).
+    # Hundreds per second even on a busy shared core (measured ~2,400/s at 64 px when idle).
     assert 200 / (time.perf_counter() - started) > 200
 
 
