@@ -14,6 +14,7 @@ An asyncio test can use the same object (its loop is not the test's loop).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -28,8 +29,10 @@ T = TypeVar("T")
 START_TIMEOUT_S = 120.0
 
 
-def demo_bundle_available() -> bool:
-    return (default_bundle_path() / "manifest.json").exists()
+def served_model() -> Path:
+    """The bundle the service tests serve: the committed demo model, or the bundle named by
+    CLIPSEARCH_TEST_MODEL (to run the model-agnostic tests against another model)."""
+    return Path(os.environ.get("CLIPSEARCH_TEST_MODEL") or default_bundle_path())
 
 
 class ThreadedServer:

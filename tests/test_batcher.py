@@ -264,8 +264,10 @@ async def test_stress_many_tasks_every_result_correct_nothing_leaked() -> None:
     assert b.queued == 0
     assert not b._running
     assert b.stats.failed_batches == 0
-    assert b.stats.items == sum(fake.batch_sizes) == submitted + len(cancelled) - (
-        b.stats.dropped_cancelled
+    assert (
+        b.stats.items
+        == sum(fake.batch_sizes)
+        == submitted + len(cancelled) - (b.stats.dropped_cancelled)
     )
     assert max(fake.batch_sizes) <= 16
     await b.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -19,12 +18,11 @@ from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
-import export_fixtures
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from server_fixtures import ThreadedServer, demo_bundle_available, quick_settings
+from server_fixtures import ThreadedServer, quick_settings, served_model
 
 from clipsearch.client import (
     AlreadyExists,
@@ -53,23 +51,13 @@ LONG_TEXT = " ".join(["a red circle next to a blue square"] * 20)  # far over 77
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
-    """The model: None = the server's default, the committed demo bundle.
-
-    CLIPSEARCH_TEST_BUNDLE names another bundle directory; without either, the tiny export
-    fixture stands in (slow: it exports a model first).
-    """
-    override = os.environ.get("CLIPSEARCH_TEST_BUNDLE")
-    if override:
-        return Path(override)
-    if demo_bundle_available():
-        return None
-    return export_fixtures.tiny_bundle(tmp_path_factory)
+def bundle() -> Path:
+    return served_model()
 
 
 @pytest.fixture(scope="module")
 def server(
-    bundle: Path | None, tmp_path_factory: pytest.TempPathFactory
+    bundle: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ThreadedServer]:
     db = tmp_path_factory.mktemp("client-it") / "clipsearch.db"
     with ThreadedServer(quick_settings(db, bundle)) as running:
@@ -416,7 +404,7 @@ def test_typed_errors(client: Client, ingested: tuple[str, list[GalleryItem]]) -
     assert client.count(collection=collection) == GALLERY_SIZE
 
 
-def test_token_auth(bundle: Path | None, tmp_path: Path) -> None:
+def test_token_auth(bundle: Path, tmp_path: Path) -> None:
     settings = quick_settings(tmp_path / "auth.db", bundle, auth_token="s3cret")
     with ThreadedServer(settings) as secured:
         with Client(secured.address) as anonymous, pytest.raises(Unauthenticated):

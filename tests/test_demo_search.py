@@ -145,7 +145,7 @@ def test_filters_restrict_results(
     _, items = gallery
     result = client.search(
         "a star",
-        filter='metadata["background"] == "dark" and metadata["n_objects"] == "1"',
+        filter='metadata["background"] == "dark" and metadata["n_objects"] == 1',
         collection=COLLECTION,
         top_k=20,
     )

@@ -3,16 +3,16 @@ CLIPSEARCH_TEST_MODEL): batch == single, normalization, providers, precision, ti
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from image_fixtures import encode, pattern
+from server_fixtures import served_model
 
 from clipsearch.server.batcher import Priority
-from clipsearch.server.bundle import Bundle, default_bundle_path, load_bundle
+from clipsearch.server.bundle import Bundle, load_bundle
 from clipsearch.server.encoder import (
     EncoderOptions,
     OnnxEncoder,
@@ -27,7 +27,7 @@ from clipsearch.server.errors import (
 )
 from clipsearch.server.pipeline import EncodingPipeline
 
-MODEL = Path(os.environ.get("CLIPSEARCH_TEST_MODEL") or default_bundle_path())
+MODEL = served_model()
 INT8_BATCH_COSINE = 0.995
 TEXTS = [
     "a red circle",

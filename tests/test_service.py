@@ -8,7 +8,6 @@ the bundle named by CLIPSEARCH_TEST_MODEL (these tests need no particular model)
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,17 +21,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from image_fixtures import encode, pattern
-from server_fixtures import ThreadedServer, quick_settings
+from server_fixtures import ThreadedServer, quick_settings, served_model
 
 from clipsearch.server.app import Components, default_components
-from clipsearch.server.bundle import default_bundle_path
 from clipsearch.server.encoder import OnnxEncoder
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import MilvusStore
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
-MODEL = Path(os.environ.get("CLIPSEARCH_TEST_MODEL") or default_bundle_path())
+MODEL = served_model()
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
