@@ -4,6 +4,9 @@ Items are queued, not requests: a request of three images puts three items in th
 awaits three results, which may be served by different batches. A batch closes when it holds
 `max_batch_size` items or when its oldest item has waited `max_wait_ms`, whichever comes
 first; while every worker is busy, items accumulate, so batches grow with load by themselves.
+The wait is adaptive: after a batch of one item (no load), the next batch closes as soon as
+the queue is empty, so a lone query pays no batching delay; any batch of two or more turns
+the wait back on.
 
 Interactive items (search, encode) are taken before bulk items (ingest); a bulk item that has
 waited `bulk_max_wait_ms` is taken like an interactive one, so bulk work is never starved.
@@ -110,6 +113,8 @@ class Batcher(Generic[P, R]):
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Until a batch of one shows there is no load, assume there is and wait for company.
+        self._last_batch_size = max_batch_size
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class Batcher(Generic[P, R]):
                 self._slots.release()
                 self._fail_queued(InferenceError(f"{self.name} batcher failed internally"))
                 continue
+            self._last_batch_size = len(batch)
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -198,12 +204,14 @@ class Batcher(Generic[P, R]):
         assert self._arrived is not None
         batch: list[_Item[P, R]] = []
         close_at: float | None = None
+        yielded = False
         while len(batch) < self.max_batch_size:
             item = self._pop_live()
             if item is not None:
                 batch.append(item)
                 if close_at is None:
-                    close_at = item.enqueued_at + self._max_wait
+                    wait = self._max_wait if self._last_batch_size > 1 else 0.0
+                    close_at = item.enqueued_at + wait
                 continue
             self._arrived.clear()
             if close_at is None:
@@ -211,7 +219,12 @@ class Batcher(Generic[P, R]):
                 continue
             remaining = close_at - time.monotonic()
             if remaining <= 0:
-                break
+                if yielded:
+                    break
+                # Let tasks that are ready to submit (same moment) join before closing.
+                yielded = True
+                await asyncio.sleep(0)
+                continue
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:

@@ -57,7 +57,11 @@ class Settings:
 
     # --- batching
     max_batch_size: int = _setting(32, "largest inference batch per tower")
-    max_wait_ms: float = _setting(2.0, "longest a batch waits for more items after its first")
+    max_wait_ms: float = _setting(
+        2.0,
+        "longest a batch waits for more items after its first (only while recent batches "
+        "held several items: a lone query after a quiet spell runs at once)",
+    )
     max_queue: int = _setting(4096, "items queued per tower before RESOURCE_EXHAUSTED")
     inference_workers: int = _setting(1, "batches run at once per tower (2+ helps on GPUs)")
     preprocess_threads: int = _setting(0, "image decode threads (0: one per core, at most 8)")

@@ -85,6 +85,24 @@ async def test_batch_closes_after_max_wait(recorder: Recorder) -> None:
     await b.close()
 
 
+async def test_lone_items_skip_the_wait_until_load_returns(recorder: Recorder) -> None:
+    b = await started(recorder, max_batch_size=32, max_wait_ms=300)
+    await b.submit([1])  # the first batch waits (load unknown) and holds one item
+    t0 = time.monotonic()
+    await asyncio.wait_for(b.submit([2]), 2)
+    assert time.monotonic() - t0 < 0.2  # after a batch of one: no waiting
+    # Two at once form a batch of two, after which the wait is back on.
+    await asyncio.wait_for(asyncio.gather(b.submit([3]), b.submit([4])), 2)
+    t0 = time.monotonic()
+    first = asyncio.create_task(b.submit([5]))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(b.submit([6]))
+    await asyncio.wait_for(asyncio.gather(first, second), 2)
+    assert time.monotonic() - t0 >= 0.25
+    assert recorder.batches == [[1], [2], [3, 4], [5, 6]]
+    await b.close()
+
+
 async def test_results_follow_request_order_across_batches() -> None:
     rec = Recorder()
     b = await started(rec, max_batch_size=3, max_wait_ms=1)
