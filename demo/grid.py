@@ -1,7 +1,9 @@
-"""The demo's result grid: one row per query, its top hits framed green (right) or red."""
+"""The demo's result grid: one row per query, its top hits framed green (right), red
+(wrong) or grey (the gallery held no more right answers)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +12,15 @@ from PIL import Image, ImageDraw
 THUMB = 96
 PAD = 6
 LABEL_WIDTH = 300
-GOOD = (40, 170, 70)
-BAD = (210, 40, 40)
+
+
+class Mark(enum.Enum):
+    RIGHT = "✓"
+    WRONG = "✗"
+    NONE_LEFT = "·"  # the gallery holds no more images that would be right
+
+
+FRAME = {Mark.RIGHT: (40, 170, 70), Mark.WRONG: (210, 40, 40), Mark.NONE_LEFT: (190, 190, 190)}
 QUERY_FRAME = (90, 90, 90)
 
 
@@ -20,7 +29,7 @@ class GridRow:
     label: str
     query_image: Path | None
     hits: list[Path]
-    good: list[bool]
+    marks: list[Mark]
 
 
 def _thumbnail(path: Path) -> Image.Image:
@@ -43,11 +52,11 @@ def write_grid(path: Path, rows: list[GridRow]) -> Path:
                 (left, top, left + cell - 1, top + cell - 1), outline=QUERY_FRAME, width=3
             )
             grid.paste(_thumbnail(row.query_image), (left + PAD, top + PAD))
-        for column, (hit, good) in enumerate(zip(row.hits, row.good, strict=True), start=1):
+        for column, (hit, mark) in enumerate(zip(row.hits, row.marks, strict=True), start=1):
             left = LABEL_WIDTH + column * cell
             draw.rectangle(
                 (left + 1, top + 1, left + cell - 2, top + cell - 2),
-                outline=GOOD if good else BAD,
+                outline=FRAME[mark],
                 width=4,
             )
             grid.paste(_thumbnail(hit), (left + PAD, top + PAD))
