@@ -9,7 +9,7 @@ from typing import Any
 def register(commands: Any) -> None:
     bench: argparse.ArgumentParser = commands.add_parser(
         "bench",
-        help="benchmarks (encoder speed); minutes, not part of the tests",
+        help="benchmarks (encoder speed, search latency); minutes, not part of the tests",
         description="Benchmarks that print the figures they claim, as ratios measured in one run.",
     )
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -46,11 +46,46 @@ def register(commands: Any) -> None:
     )
     encoder.set_defaults(handler=_run_encoder)
 
+    latency: argparse.ArgumentParser = kinds.add_parser(
+        "latency",
+        help="search latency and throughput of a real server process at 1/8/32 clients",
+        description=(
+            "Starts 'clipsearch serve' (the demo model unless --model; Milvus Lite in a temp "
+            "dir unless --milvus-uri), ingests a generated gallery, then runs text searches "
+            "from 1, 8 and 32 client threads and prints queries/s, round-trip p50/p99 and the "
+            "server's own breakdown (queue, inference, search) taken from the replies."
+        ),
+    )
+    latency.add_argument("--json", action="store_true", help="print the results as JSON")
+    latency.add_argument("--n", type=int, default=1000, help="gallery size (default: 1000)")
+    latency.add_argument(
+        "--seconds", type=float, default=5.0, help="time per concurrency level (default: 5)"
+    )
+    latency.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 8, 32],
+        help="client thread counts (default: 1 8 32)",
+    )
+    latency.add_argument("--model", default="", help="model bundle (default: the demo model)")
+    latency.add_argument("--milvus-uri", default="", help="Milvus (default: Lite in a temp dir)")
+    latency.set_defaults(handler=_run_latency)
+
 
 def _run_encoder(args: argparse.Namespace) -> int:
     from clipsearch.client.cli import require
 
     require("export", "torch", "transformers", "onnxruntime")
     from clipsearch.bench.encoder import main
+
+    return main(args)
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from clipsearch.client.cli import require
+
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.latency import main
 
     return main(args)
