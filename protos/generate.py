@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from grpc_tools import protoc  # a dev dependency: the generated files are committed
+
 PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_FILES = sorted(PROTO_ROOT.glob("clipsearch/v1/*.proto"))
 
 
 def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:
-    from grpc_tools import protoc  # dev-only dependency
-
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
