@@ -56,9 +56,7 @@ def bundle() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(
-    bundle: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ThreadedServer]:
+def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
     db = tmp_path_factory.mktemp("client-it") / "clipsearch.db"
     with ThreadedServer(quick_settings(db, bundle)) as running:
         yield running
