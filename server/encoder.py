@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -62,17 +62,6 @@ class EncoderOptions:
             image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             fast_jpeg=settings.fast_jpeg,
         )
-
-
-class Encoder(Protocol):
-    """What the batching and service layers need from an encoder (the fake has it too)."""
-
-    @property
-    def dim(self) -> int: ...
-
-    def run_text(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
-
-    def run_vision(self, pixel_values: np.ndarray) -> np.ndarray: ...
 
 
 def choose_precision(asked: str, providers: Sequence[str], available: Sequence[str]) -> str:
