@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime
 import pytest
 from image_fixtures import encode, pattern
 from server_fixtures import ThreadedServer, quick_settings, served_model
@@ -27,6 +28,7 @@ from clipsearch.server.fake import FakeBackend
 from clipsearch.server.images import ImagePreprocessor
 from clipsearch.server.search import RRF_K
 from clipsearch.server.settings import Settings
+from clipsearch.server.store import milvus
 from clipsearch.server.store.memory import InMemoryStore
 from clipsearch.server.text import TextTokenizer
 from clipsearch.v1 import clipsearch_pb2 as pb
@@ -149,6 +151,24 @@ def search(stub: pb_grpc.ClipSearchStub, **fields: Any) -> list[str]:
 
 
 # --- model and encoding --------------------------------------------------------------------
+
+
+def test_the_fakes_need_neither_onnx_runtime_nor_milvus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fake service must not start this")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    monkeypatch.setattr(milvus, "MilvusClient", refuse)
+    with (
+        ThreadedServer(fake_settings(tmp_path), fake_components()) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.ClipSearchStub(channel)
+        (ack,) = stub.Ingest(iter([options("c"), item(1, id="one")]), timeout=10)
+        assert ack.status == pb.INGEST_STATUS_OK
+        assert search(stub, collection="c", text="x") == ["one"]
 
 
 def test_info_says_what_runs(stub: pb_grpc.ClipSearchStub) -> None:
