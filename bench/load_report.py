@@ -14,7 +14,7 @@ import numpy as np
 from clipsearch.bench.load_workload import OK
 
 if TYPE_CHECKING:
-    from clipsearch.bench.load import Record, StepRun
+    from clipsearch.bench.load_engine import Record, StepRun
 
 LATE_S = 0.010
 STAGES = ("queue", "preprocess", "inference", "search", "total")
