@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+# The same as clipsearch.bench.load_workload.SCENARIOS (kept here: --help imports nothing heavy).
 LOAD_SCENARIOS = (
     "encode-text",
     "encode-image",
@@ -186,13 +187,11 @@ def _run_latency(args: argparse.Namespace) -> int:
 def _run_load(args: argparse.Namespace) -> int:
     from clipsearch.client.cli import require
 
-    needs = ["numpy"]
     scenarios = [args.scenario, *(part.split("=")[0].strip() for part in args.mix.split(","))]
     if {"encode-image", "search-image", "ingest"}.intersection(scenarios):
-        needs.append("PIL")
+        require("runtime", "PIL")  # the generated JPEGs
     if args.plot:
         require("bench", "matplotlib")
-    require("runtime", *needs)
     from clipsearch.bench.load import main
 
     return main(args)

@@ -145,6 +145,10 @@ def _init_worker(counter: Any) -> None:
     _progress_counter = counter
 
 
+def _worker_ready() -> None:
+    time.sleep(0.2)  # long enough that each of the first jobs lands on its own worker
+
+
 def _count_one() -> None:
     with _progress_counter.get_lock():
         _progress_counter.value += 1
@@ -209,6 +213,13 @@ class Runner:
                 initializer=_init_worker,
                 initargs=(self._counter,),
             )
+            # Start every worker (and its imports, seconds) now, not inside a step's window.
+            loop = asyncio.get_running_loop()
+            ready = [
+                loop.run_in_executor(self._pool, _worker_ready)
+                for _ in range(self.config.processes)
+            ]
+            await asyncio.gather(*ready)
         else:
             self._client = _client(self.config)
         return self

@@ -193,12 +193,16 @@ async def _open(
         run.scheduled += measured
         if (delay := due - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
-        try:
-            # Waiting for a slot delays this request (its latency counts from `due`) and
-            # every later one; none is sent after the window closes.
-            await asyncio.wait_for(slots.acquire(), max(0.0, window_end - time.perf_counter()))
-        except TimeoutError:
-            break
+        if slots.locked():
+            try:
+                # Waiting for a slot delays this request (its latency counts from `due`) and
+                # every later one; none is sent after the window closes.
+                remaining = max(0.0, window_end - time.perf_counter())
+                await asyncio.wait_for(slots.acquire(), remaining)
+            except TimeoutError:
+                break
+        else:
+            await slots.acquire()
         if time.perf_counter() >= window_end:
             slots.release()
             break

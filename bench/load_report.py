@@ -247,6 +247,8 @@ def plot_steps(steps: Sequence[StepSummary], path: str | Path, title: str = "") 
         for ax in (throughput_ax, latency_ax):
             if len(x) > 1 and max(x) / min(x) >= 4:
                 ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [f"{level:g}" for level in x])
+            ax.minorticks_off()
             ax.set_xlabel(xlabel)
             ax.grid(True, which="both", alpha=0.3)
     if title:

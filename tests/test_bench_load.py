@@ -31,7 +31,8 @@ from clipsearch.bench.load import (
 )
 from clipsearch.bench.load_engine import Record, StepRun
 from clipsearch.bench.load_report import summarize
-from clipsearch.bench.load_workload import parse_mix
+from clipsearch.bench.commands import LOAD_SCENARIOS
+from clipsearch.bench.load_workload import SCENARIOS, parse_mix
 from clipsearch.client import Client
 from clipsearch.client.cli import main as cli_main
 from clipsearch.server.app import Components, fake_components, served_bundle
@@ -246,6 +247,7 @@ def test_remote_addresses_are_refused(address: str) -> None:
 
 
 def test_parse_mix() -> None:
+    assert LOAD_SCENARIOS == SCENARIOS
     assert parse_mix("search-text=3, ingest=1,encode-text") == (
         ("search-text", 3.0),
         ("ingest", 1.0),
