@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from server_fixtures import ThreadedServer, quick_settings, served_model
 
+from clipsearch.bench.commands import LOAD_SCENARIOS
 from clipsearch.bench.load import (
     LoadConfig,
     RemoteAddressError,
@@ -31,7 +32,6 @@ from clipsearch.bench.load import (
 )
 from clipsearch.bench.load_engine import Record, StepRun
 from clipsearch.bench.load_report import summarize
-from clipsearch.bench.commands import LOAD_SCENARIOS
 from clipsearch.bench.load_workload import SCENARIOS, parse_mix
 from clipsearch.client import Client
 from clipsearch.client.cli import main as cli_main
