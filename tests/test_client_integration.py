@@ -37,7 +37,7 @@ from clipsearch.client import (
     Unavailable,
 )
 from clipsearch.client.channel import TlsConfig
-from clipsearch.client.cli import main
+from clipsearch.cli import main
 from clipsearch.client.types import ImageInput
 from clipsearch.export.demo_data import GalleryItem, generate_gallery
 from clipsearch.v1 import clipsearch_pb2 as pb
