@@ -206,11 +206,11 @@ def _jsonl_rows(path: Path, caption_field: str | None) -> Iterator[IngestItem | 
 
 def _jsonl_item(line: bytes, base: Path, caption_field: str | None, where: str) -> IngestItem:
     try:
-        row = json.loads(line.decode("utf-8"))
+        row = json.loads(line.decode("utf-8").rstrip("\r\n"))
     except UnicodeDecodeError as exc:
         raise RowError(where, f"not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise RowError(where, f"not valid JSON: {exc}") from None
+        raise RowError(where, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(row, dict):
         raise RowError(where, "each line must be a JSON object")
     if caption_field is not None and caption_field not in row:

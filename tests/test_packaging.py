@@ -109,7 +109,7 @@ def test_the_base_install_runs_the_client_and_names_the_extra_for_the_server(
     pip = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
          "--no-compile", "--disable-pip-version-check", str(source)],
-        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
+        check=False, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -118,7 +118,7 @@ def test_the_base_install_runs_the_client_and_names_the_extra_for_the_server(
     def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(arg) for arg in argv],
-            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+            check=False, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
         )  # fmt: skip
 
     installed = run(python, "-c", "import clipsearch; print(clipsearch.__file__)")
