@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_args(args)
     except ConfigurationError as exc:
-        print(f"clipsearch serve: {exc}")
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     return asyncio.run(serve(settings, args.ready_file))

@@ -173,6 +173,15 @@ def test_hit_table_aligns_wide_characters() -> None:
     )
 
 
+def test_serve_refuses_bad_settings_on_stderr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLIPSEARCH_PORT", "eighty")
+    code, out, err = run_cli(capsys, "serve")
+    assert (code, out) == (2, "")
+    assert err.startswith("clipsearch serve: CLIPSEARCH_PORT='eighty' is not a valid port")
+
+
 def test_hit_table_shows_ids_and_uris_whole_and_the_fields_asked_for() -> None:
     hits = [
         Hit(LONG_IDS[0], 0.9, "/srv/" + LONG_IDS[0], "a mountain lake " * 6, {"n": 1}),
