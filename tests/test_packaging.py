@@ -3,6 +3,7 @@ the real `clipsearch` entry point works on the base install (the client alone)."
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -53,6 +54,34 @@ def test_the_serving_path_never_imports_torch_or_transformers() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def test_libraries_import_neither_the_cli_nor_the_client() -> None:
+    """The command line sits above every package: only `commands` modules import it (for
+    `require`), and only the client's own users (demo, bench) import the client."""
+    offenders = []
+    for folder in ("server", "client", "export", "demo", "bench", "protos"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            imported = imported_modules(path)
+            if path.name != "commands.py" and any(
+                name == "clipsearch.cli" or name.startswith("clipsearch.cli.") for name in imported
+            ):
+                offenders.append(f"{path.relative_to(ROOT)} imports clipsearch.cli")
+            if folder not in ("client", "demo", "bench") and any(
+                name.startswith("clipsearch.client") for name in imported
+            ):
+                offenders.append(f"{path.relative_to(ROOT)} imports clipsearch.client")
+    assert offenders == []
 
 
 def test_the_entry_point_prints_help_without_importing_the_server_or_extras() -> None:
