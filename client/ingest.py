@@ -14,8 +14,9 @@ broken stream, independent of the transport:
   so an item written before the break but not acknowledged is written again, never twice;
 - bounds: `max_attempts` consecutive broken attempts without a single ack give up with the
   last error; any ack resets the count, so a long ingest survives occasional restarts;
-- local failures: a path item whose file cannot be read is reported as a failed result and
-  never sent.
+- local failures: a path item whose file cannot be read, or a manifest row that cannot
+  describe an item (the source raises `RowError` and goes on), is reported as a failed
+  result and never sent.
 
 The sync and asyncio drivers (`SyncIngestStream`, `AsyncIngestStream`) only add the blocking
 primitives (a thread semaphore or an asyncio one) and the way the source is iterated.
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from clipsearch.client.convert import ingest_request, ingest_result
 from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
+from clipsearch.client.sources import RowError
 from clipsearch.client.types import IngestItem, IngestResult, IngestSummary
 from clipsearch.v1 import clipsearch_pb2 as pb
 
@@ -200,6 +202,21 @@ class IngestState:
         except ClipsearchError as exc:  # e.g. metadata that is not JSON
             self._fail_locally(seq, item, exc.message, exc.code.name)
         return None
+
+    def bad_row(self, error: RowError) -> None:
+        """A row the source could not turn into an item: a failed result, never sent."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            self._local.append(
+                IngestResult(
+                    seq=seq,
+                    id=error.where,
+                    status="failed",
+                    error=error.reason,
+                    error_code="INVALID_ARGUMENT",
+                )
+            )
 
     def _fail_locally(
         self, seq: int, item: IngestItem, error: str, code: str = "INVALID_ARGUMENT"
@@ -365,16 +382,20 @@ class SyncIngestStream(Iterator[IngestResult]):
         """The next source item, registered; None at the end or when the attempt ended."""
         state = self.state
         with self._source_lock:
-            if state.source_done:
-                return None
-            try:
-                item = next(self._source)
-            except StopIteration:
-                state.source_finished()
-                return None
-            except Exception as exc:  # reported after what was sent is acknowledged
-                state.source_finished(exc)
-                return None
+            while True:
+                if state.source_done:
+                    return None
+                try:
+                    item = next(self._source)
+                    break
+                except StopIteration:
+                    state.source_finished()
+                    return None
+                except RowError as exc:
+                    state.bad_row(exc)
+                except Exception as exc:  # reported after what was sent is acknowledged
+                    state.source_finished(exc)
+                    return None
         seq = state.register(attempt, item)
         return None if seq is None else (seq, item)
 
@@ -487,18 +508,22 @@ class AsyncIngestStream(AsyncIterator[IngestResult]):
     async def _take(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
         state = self.state
         async with self._source_lock:
-            if state.source_done:
-                return None
-            try:
-                if isinstance(self._source, AsyncIterator):
-                    item = await anext(self._source)
-                else:
-                    item = next(self._source)
-            except (StopIteration, StopAsyncIteration):
-                state.source_finished()
-                return None
-            except Exception as exc:
-                state.source_finished(exc)
-                return None
+            while True:
+                if state.source_done:
+                    return None
+                try:
+                    if isinstance(self._source, AsyncIterator):
+                        item = await anext(self._source)
+                    else:
+                        item = next(self._source)
+                    break
+                except (StopIteration, StopAsyncIteration):
+                    state.source_finished()
+                    return None
+                except RowError as exc:
+                    state.bad_row(exc)
+                except Exception as exc:
+                    state.source_finished(exc)
+                    return None
         seq = state.register(attempt, item)
         return None if seq is None else (seq, item)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from clipsearch.server.settings import Settings
+from clipsearch.cli import CommandParser, require
 
 
 def register(commands: Any) -> None:
-    p: argparse.ArgumentParser = commands.add_parser(
+    p: CommandParser = commands.add_parser(
         "serve",
         help="run the gRPC search server",
         description=(
@@ -23,13 +24,8 @@ def register(commands: Any) -> None:
             "and stop."
         ),
     )
-    Settings.add_arguments(p)
-    p.add_argument(
-        "--ready-file",
-        type=Path,
-        default=None,
-        help="write HOST:PORT to this file once the server is SERVING (for scripts, port 0)",
-    )
+    # The settings flags come from the server's Settings, imported only when `serve` parses.
+    p.defer(_add_serve_arguments)
     p.set_defaults(handler=_run_serve)
 
     h: argparse.ArgumentParser = commands.add_parser(
@@ -53,25 +49,34 @@ def register(commands: Any) -> None:
     h.set_defaults(handler=_run_health)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipsearch.server.settings import Settings
 
+    Settings.add_arguments(parser)
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write HOST:PORT to this file once the server is SERVING (for scripts, port 0)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "tokenizers", "PIL", "pymilvus")
     from clipsearch.server.app import configure_logging, serve
     from clipsearch.server.errors import ConfigurationError
+    from clipsearch.server.settings import Settings
 
     try:
         settings = Settings.from_args(args)
     except ConfigurationError as exc:
-        print(f"clipsearch serve: {exc}")
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     return asyncio.run(serve(settings, args.ready_file))
 
 
 def _run_health(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("server", "grpc_health")
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

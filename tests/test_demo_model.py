@@ -84,7 +84,7 @@ def test_committed_bundle_is_small() -> None:
 def test_train_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
-    from clipsearch.client.cli import main
+    from clipsearch.cli import main
 
     out, checkpoint = tmp_path / "bundle", tmp_path / "checkpoint"
     args = ["train-demo", "--out", str(out), "--checkpoint", str(checkpoint)]
