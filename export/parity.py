@@ -170,6 +170,9 @@ class OnnxTowers:
         out: np.ndarray = self.text_session.run(None, feeds)[0]
         return out
 
+    def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
+        return self.run_vision(self.preprocess(images))
+
     def preprocess(self, images: Sequence[bytes]) -> np.ndarray:
         return np.stack([self.preprocessor(data) for data in images])
 
