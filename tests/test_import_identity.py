@@ -16,14 +16,11 @@ from pathlib import Path
 import clipsearch
 
 ROOT = Path(__file__).resolve().parents[1]
-LINKS = {link.name: link.resolve() for link in (ROOT / "src" / "clipsearch").iterdir()}
+LINKS = {p.name: p.resolve() for p in (ROOT / "src" / "clipsearch").iterdir() if p.is_symlink()}
 LINKS = {name: target for name, target in LINKS.items() if target.is_dir()}
-# Every top-level folder but tests/ (pytest names the test modules tests.*).
-FOLDERS = sorted(
-    p.name
-    for p in ROOT.iterdir()
-    if p.is_dir() and not p.name.startswith(".") and p.name != "tests"
-)
+# The top-level folders the package is made of, and src/ itself: by their bare names, each
+# would be a second identity of clipsearch.* (other folders hold no package code).
+FOLDERS = sorted({target.relative_to(ROOT).parts[0] for target in LINKS.values()} | {"src"})
 
 
 def test_the_top_level_folders_are_not_importable_by_their_bare_names() -> None:
