@@ -38,6 +38,12 @@ def test_each_linked_folder_imports_as_its_clipsearch_name() -> None:
         assert Path(module.__file__).resolve() == target / "__init__.py", name
 
 
+def is_project_file(path: Path) -> bool:
+    """A file of the repository's own code: a virtualenv inside the checkout (make setup-dev
+    puts .venv there) holds third-party packages, whose aliases are not ours to judge."""
+    return path.is_relative_to(ROOT) and not path.is_relative_to(Path(sys.prefix).resolve())
+
+
 def test_no_module_of_the_repository_is_loaded_under_two_names() -> None:
     walked = [
         info.name
@@ -56,7 +62,7 @@ def test_no_module_of_the_repository_is_loaded_under_two_names() -> None:
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         # Some modules carry a placeholder name as __file__ (torch.ops): real files only.
-        if file and Path(file).is_absolute() and Path(file).resolve().is_relative_to(ROOT):
+        if file and Path(file).is_absolute() and is_project_file(Path(file).resolve()):
             names_by_file[Path(file).resolve()].add(name)
     twice = {str(f.relative_to(ROOT)): sorted(n) for f, n in names_by_file.items() if len(n) > 1}
     assert twice == {}
