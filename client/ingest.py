@@ -141,10 +141,6 @@ class IngestState:
     def reconnects(self) -> int:
         return max(0, self.attempts - 1)
 
-    @property
-    def finished(self) -> bool:
-        return self.source_done and not self.pending
-
     # --- request side ------------------------------------------------------------------
 
     def begin_attempt(self) -> Attempt:
@@ -272,7 +268,7 @@ class IngestState:
 
 # --- the sync driver -------------------------------------------------------------------
 
-OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterator[pb.IngestAck]]
+OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterable[pb.IngestAck]]
 
 
 class SyncIngestStream(Iterator[IngestResult]):
@@ -381,7 +377,7 @@ class SyncIngestStream(Iterator[IngestResult]):
 
 # --- the asyncio driver ----------------------------------------------------------------
 
-OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterator[pb.IngestAck]]
+OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterable[pb.IngestAck]]
 
 
 class AsyncIngestStream(AsyncIterator[IngestResult]):
