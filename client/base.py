@@ -164,7 +164,8 @@ def face_signature(op: Callable[..., Any]) -> inspect.Signature:
     if isinstance(returns, str) and returns.startswith("Plan[") and returns.endswith("]"):
         returns = returns[len("Plan[") : -1]
     return signature.replace(
-        parameters=[first.replace(name="self"), *rest], return_annotation=returns
+        parameters=[first.replace(name="self", annotation=inspect.Parameter.empty), *rest],
+        return_annotation=returns,
     )
 
 
