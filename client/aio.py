@@ -18,7 +18,6 @@ differs: this face awaits each step of a plan, and reads files off the event loo
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -42,7 +41,7 @@ from clipsearch.client.base import (
     Sleep,
     Step,
     Stepper,
-    face_signature,
+    as_method,
     ingest_state,
 )
 from clipsearch.client.errors import from_rpc_error
@@ -63,12 +62,10 @@ def awaitable(
 ) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
     """An operation as a coroutine method."""
 
-    @functools.wraps(op)
     async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self._run(op(self, *args, **kwargs))
 
-    method.__signature__ = face_signature(op)  # type: ignore[attr-defined]
-    return method
+    return as_method(method, op, "AsyncClient")
 
 
 class AsyncClient(ClientBase):

@@ -16,6 +16,7 @@ with plain `try`/`except` (see `wait_until_ready`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Generator, Iterable, Sequence, Sized
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
+MethodT = TypeVar("MethodT", bound=Callable[..., Any])
 
 
 class ClientBase:
@@ -155,18 +157,22 @@ class Stepper(Generic[T]):
         self._plan.close()
 
 
-def face_signature(op: Callable[..., Any]) -> inspect.Signature:
-    """The signature an operation has as a method: `self` first, returning what the plan
-    returns (for help() and inspect; mypy reads the types of the faces' wrappers)."""
+def as_method(method: MethodT, op: Callable[..., Any], owner: str) -> MethodT:
+    """Dress a face's wrapper of an operation as `owner`'s method: the operation's name and
+    docstring, and its signature with `self` first, returning what the plan returns (for
+    help() and inspect; mypy reads the types of the wrapper itself)."""
+    functools.update_wrapper(method, op)
+    method.__qualname__ = f"{owner}.{op.__name__}"
     signature = inspect.signature(op)
     first, *rest = signature.parameters.values()
     returns = signature.return_annotation
     if isinstance(returns, str) and returns.startswith("Plan[") and returns.endswith("]"):
         returns = returns[len("Plan[") : -1]
-    return signature.replace(
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[first.replace(name="self", annotation=inspect.Parameter.empty), *rest],
         return_annotation=returns,
     )
+    return method
 
 
 # --- ingest ------------------------------------------------------------------------------

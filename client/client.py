@@ -17,7 +17,6 @@ their steps blocking (see `clipsearch.client.base`).
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -34,7 +33,7 @@ from clipsearch.client.base import (
     Sleep,
     Step,
     Stepper,
-    face_signature,
+    as_method,
     ingest_state,
 )
 from clipsearch.client.errors import from_rpc_error
@@ -52,12 +51,10 @@ def blocking(
 ) -> Callable[Concatenate[Client, P], T]:
     """An operation as a blocking method."""
 
-    @functools.wraps(op)
     def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return self._run(op(self, *args, **kwargs))
 
-    method.__signature__ = face_signature(op)  # type: ignore[attr-defined]
-    return method
+    return as_method(method, op, "Client")
 
 
 class Client(ClientBase):

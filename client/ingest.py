@@ -271,20 +271,11 @@ class IngestState:
 OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterable[pb.IngestAck]]
 
 
-class SyncIngestStream(Iterator[IngestResult]):
-    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+class IngestRun:
+    """What both drivers show of their run: its state, summary and reconnects so far."""
 
-    Closing it (or breaking out of the loop and dropping it) cancels the stream.
-    """
-
-    def __init__(
-        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
-    ) -> None:
+    def __init__(self, state: IngestState) -> None:
         self.state = state
-        self._source = iter(items)
-        self._source_lock = threading.Lock()
-        self._open_stream = open_stream
-        self._results = self._run()
 
     @property
     def summary(self) -> IngestSummary:
@@ -293,6 +284,22 @@ class SyncIngestStream(Iterator[IngestResult]):
     @property
     def reconnects(self) -> int:
         return self.state.reconnects
+
+
+class SyncIngestStream(IngestRun, Iterator[IngestResult]):
+    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+
+    Closing it (or breaking out of the loop and dropping it) cancels the stream.
+    """
+
+    def __init__(
+        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
+    ) -> None:
+        super().__init__(state)
+        self._source = iter(items)
+        self._source_lock = threading.Lock()
+        self._open_stream = open_stream
+        self._results = self._run()
 
     def __iter__(self) -> SyncIngestStream:
         return self
@@ -380,7 +387,7 @@ class SyncIngestStream(Iterator[IngestResult]):
 OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterable[pb.IngestAck]]
 
 
-class AsyncIngestStream(AsyncIterator[IngestResult]):
+class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
     """Results of `AsyncClient.ingest()` as they arrive; `.summary` counts them."""
 
     def __init__(
@@ -389,21 +396,13 @@ class AsyncIngestStream(AsyncIterator[IngestResult]):
         items: Iterable[IngestItem] | AsyncIterable[IngestItem],
         open_stream: OpenAsyncStream,
     ) -> None:
-        self.state = state
+        super().__init__(state)
         self._source: Iterator[IngestItem] | AsyncIterator[IngestItem] = (
             aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         )
         self._source_lock = asyncio.Lock()
         self._open_stream = open_stream
         self._results = self._run()
-
-    @property
-    def summary(self) -> IngestSummary:
-        return self.state.summary
-
-    @property
-    def reconnects(self) -> int:
-        return self.state.reconnects
 
     def __aiter__(self) -> AsyncIngestStream:
         return self

@@ -274,84 +274,50 @@ def profile(
     search. `print(profile)` shows the tree."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    rpc = profiled_rpc(
-        call=call,
-        text=text,
-        image=image,
-        vector=vector,
-        like=like,
-        target=target,
-        top_k=top_k,
-        filter=filter,
-        collection=collection,
-    )
+    query = describe_query(text, image, vector, like)
+    rpc: convert.Rpc[Any, Any, SearchResult | EncodeResult]
+    if call == "encode":
+        if text is not None and image is None:
+            rpc = convert.texts_rpc([text])
+        elif image is not None and text is None:
+            rpc = convert.images_rpc([image])
+        else:
+            raise InvalidArgument("profiling an encode needs exactly one of text or image")
+        description = f"Encode {query}"
+    elif call == "search":
+        request = convert.search_request(
+            text,
+            image=image,
+            vector=vector,
+            like=like,
+            target=target,
+            top_k=top_k,
+            filter=filter,
+            collection=collection,
+        )
+        rpc = convert.search_rpc(request)  # built once: an image file is read once
+        description = f"Search {query} -> {target}, top_k={top_k}"
+    else:
+        raise ValueError(f"call must be 'search' or 'encode', got {call!r}")
     samples = []
     for _ in range(repeat):
         started = time.perf_counter_ns()
         result = yield from unary(client, rpc, timeout)
         round_trip_us = (time.perf_counter_ns() - started) // 1000
         samples.append(Sample(round_trip_us, result.timing))
-    description = profile_description(
-        call, text=text, image=image, vector=vector, like=like, target=target, top_k=top_k
-    )
     return Profile(description, tuple(samples))
 
 
-def profile_description(
-    call: str,
-    *,
-    text: str | None,
-    image: ImageInput | None,
-    vector: Any,
-    like: str | None,
-    target: str,
-    top_k: int,
+def describe_query(
+    text: str | None, image: ImageInput | None, vector: Any, like: str | None
 ) -> str:
-    """A one-line description of the profiled call, for the report's header."""
+    """The query of a profiled call in a few words, for the report's header."""
     if text is not None:
-        query = f"text {text!r}"
-    elif isinstance(image, bytes):
-        query = f"image ({len(image)} bytes)"
-    elif image is not None:
-        query = f"image {str(image)!r}"
-    elif vector is not None:
-        query = "vector"
-    else:
-        query = f"like {like!r}"
-    if call == "encode":
-        return f"Encode {query}"
-    return f"Search {query} -> {target}, top_k={top_k}"
-
-
-def profiled_rpc(
-    *,
-    call: str,
-    text: str | None,
-    image: ImageInput | None,
-    vector: np.ndarray | Sequence[float] | None,
-    like: str | None,
-    target: Target,
-    top_k: int,
-    filter: str,
-    collection: str | None,
-) -> convert.Rpc[Any, Any, SearchResult | EncodeResult]:
-    """The one call a profile repeats (built once: an image file is read once)."""
-    if call == "encode":
-        if text is not None and image is None:
-            return convert.texts_rpc([text])
-        if image is not None and text is None:
-            return convert.images_rpc([image])
-        raise InvalidArgument("profiling an encode needs exactly one of text or image")
-    if call != "search":
-        raise ValueError(f"call must be 'search' or 'encode', got {call!r}")
-    request = convert.search_request(
-        text,
-        image=image,
-        vector=vector,
-        like=like,
-        target=target,
-        top_k=top_k,
-        filter=filter,
-        collection=collection,
-    )
-    return convert.search_rpc(request)
+        return f"text {text!r}"
+    if isinstance(image, bytes):
+        return f"image ({len(image)} bytes)"
+    if image is not None:
+        return f"image {str(image)!r}"
+    if vector is not None:
+        return "vector"
+    return f"like {like!r}"
