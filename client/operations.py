@@ -299,13 +299,22 @@ def profile(
         description = f"Search {query} -> {target}, top_k={top_k}"
     else:
         raise ValueError(f"call must be 'search' or 'encode', got {call!r}")
+    return Profile(description, (yield from timed(client, rpc, repeat, timeout)))
+
+
+def timed(
+    client: ClientBase,
+    rpc: convert.Rpc[Any, Any, SearchResult | EncodeResult],
+    repeat: int,
+    timeout: float | None,
+) -> Plan[tuple[Sample, ...]]:
+    """`repeat` calls of `rpc`: each one's round trip and the server's timing."""
     samples = []
     for _ in range(repeat):
         started = time.perf_counter_ns()
         result = yield from unary(client, rpc, timeout)
-        round_trip_us = (time.perf_counter_ns() - started) // 1000
-        samples.append(Sample(round_trip_us, result.timing))
-    return Profile(description, tuple(samples))
+        samples.append(Sample((time.perf_counter_ns() - started) // 1000, result.timing))
+    return tuple(samples)
 
 
 def describe_query(
