@@ -167,7 +167,7 @@ class ClipSearchServer:
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING); warm up in the background."""
         # The generated service module has no annotations.
-        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
