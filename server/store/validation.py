@@ -113,11 +113,9 @@ def parse_metadata(raw: str, item_id: str) -> dict[str, Any]:
 def check_metadata(metadata: dict[str, Any], item_id: str) -> None:
     if not isinstance(metadata, dict):
         raise InvalidInput(f"item {item_id!r}: metadata must be a JSON object")
-    depth = _depth(metadata)
-    if depth > MAX_METADATA_DEPTH:
+    if _deeper_than(metadata, MAX_METADATA_DEPTH):
         raise InvalidInput(
-            f"item {item_id!r}: metadata is nested {depth} deep, at most {MAX_METADATA_DEPTH} "
-            "allowed"
+            f"item {item_id!r}: metadata is nested more than {MAX_METADATA_DEPTH} levels deep"
         )
     try:
         encoded = json.dumps(metadata, allow_nan=False)
@@ -178,9 +176,9 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _depth(value: Any) -> int:
-    """How deeply objects and arrays nest in `value` (iteratively: no recursion limit)."""
-    deepest = 0
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Do objects and arrays nest more than `limit` levels in `value`? (Iterative: a value
+    too deep for recursion gets an answer too.)"""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
@@ -190,11 +188,10 @@ def _depth(value: Any) -> int:
             children = node
         else:
             continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_METADATA_DEPTH:
-            return deepest
+        if depth > limit:
+            return True
         stack.extend((child, depth + 1) for child in children)
-    return deepest
+    return False
 
 
 def unit_vector(value: Any, dim: int, what: str) -> np.ndarray:
