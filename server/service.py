@@ -131,7 +131,7 @@ def ingest_ack(outcome: ItemOutcome) -> pb.IngestAck:
         id=outcome.id,
         status=INGEST_STATUS[outcome.status],
         error=outcome.error,
-        error_code=STATUS_OF[outcome.error_code].value[0] if outcome.error_code else 0,
+        error_code=0 if outcome.error_code is None else STATUS_OF[outcome.error_code].value[0],
         caption_truncated=outcome.caption_truncated,
         timing=pb.Timing(
             queue_us=t.queue_us,
