@@ -291,7 +291,7 @@ class MicroBatcher(Generic[P, R]):
             try:
                 results = await self._execute([item.payload for item in live])
                 if len(results) != len(live):
-                    raise InferenceError(
+                    raise ClipsearchError(
                         f"{self.name}: batch of {len(live)} gave {len(results)} results"
                     )
             except BaseException as exc:

@@ -379,6 +379,8 @@ def test_one_streams_bad_items_never_fail_or_show_in_another_stream(tmp_path: Pa
         good_acks, mixed_acks = (run.result() for run in runs)
         count = stub.Count(pb.CountRequest(collection="shared"), timeout=10).count
     assert [(a.status, a.error) for a in good_acks] == [(pb.INGEST_STATUS_OK, "")] * 24
+    # The write's time is the store's (search_us), the towers' is inference_us.
+    assert all(a.timing.search_us > 0 and a.timing.inference_us > 0 for a in good_acks)
     by_seq = {a.seq: a for a in mixed_acks}
     assert sorted(by_seq) == sorted(r.item.seq for r in mixed)
     for seq in range(100, 100 + len(bad_items)):
