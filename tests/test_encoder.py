@@ -146,7 +146,9 @@ def test_warmup_runs_both_towers_at_each_batch_size(
 
 async def test_pipeline_gives_the_encoders_vectors_with_timings(bundle: Bundle) -> None:
     encoder = OnnxEncoder(bundle, EncoderOptions(precision="fp32", warmup=False))
-    pipeline = EncodingPipeline(encoder, max_batch_size=4, max_wait_ms=1)
+    pipeline = EncodingPipeline(
+        encoder, encoder.tokenizer, encoder.preprocessor, max_batch_size=4, max_wait_ms=1
+    )
     await pipeline.start()
     try:
         jpegs = [encode(pattern((120, 80 + 10 * i), seed=i), "JPEG", quality=92) for i in range(6)]
