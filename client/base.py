@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 import grpc
 
 from clipsearch.client import convert
-from clipsearch.client.channel import DEFAULT_ADDRESS, ChannelConfig, TlsConfig, call_metadata
+from clipsearch.client.channel import ChannelConfig, TlsConfig, call_metadata
 from clipsearch.client.errors import from_rpc_error
 from clipsearch.client.ingest import Backoff, IngestState, progress_bar
 from clipsearch.client.types import IngestItem
+from clipsearch.defaults import DEFAULT_ADDRESS
 
 if TYPE_CHECKING:
     from clipsearch.v1.clipsearch_pb2_grpc import ClipSearchStub

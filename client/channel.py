@@ -18,8 +18,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from clipsearch.defaults import DEFAULT_ADDRESS
+
 SERVICE = "clipsearch.v1.ClipSearch"
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 # Safe to repeat: reads, encodes, and writes whose repetition ends in the same state. If a
 # reply is lost after the server acted, the retry reports what it then finds: a

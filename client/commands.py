@@ -18,13 +18,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipsearch.defaults import DEFAULT_ADDRESS
+
 if TYPE_CHECKING:
     import numpy as np
 
     from clipsearch.client.client import Client
     from clipsearch.client.types import Hit, IngestSummary, SearchResult
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_SERVER = DEFAULT_ADDRESS
 EXIT_CALL_FAILED = 1
 EXIT_LOCAL_ERROR = 2
 MAX_ERRORS_SHOWN = 20
