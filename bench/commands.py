@@ -6,6 +6,9 @@ import argparse
 import os
 from typing import Any
 
+from clipsearch.cli import require
+from clipsearch.defaults import DEFAULT_ADDRESS
+
 # The same as clipsearch.bench.load_workload.SCENARIOS (kept here: --help imports nothing heavy).
 LOAD_SCENARIOS = (
     "encode-text",
@@ -103,9 +106,9 @@ def _register_load(kinds: Any) -> None:
     )
     load.add_argument(
         "--server",
-        default=os.environ.get("CLIPSEARCH_SERVER", "127.0.0.1:50051"),
+        default=os.environ.get("CLIPSEARCH_SERVER", DEFAULT_ADDRESS),
         metavar="HOST:PORT",
-        help="server address (default: $CLIPSEARCH_SERVER or 127.0.0.1:50051)",
+        help=f"server address (default: $CLIPSEARCH_SERVER or {DEFAULT_ADDRESS})",
     )
     load.add_argument(
         "--scenario", choices=LOAD_SCENARIOS, default="search-text", help="(default: search-text)"
@@ -167,8 +170,6 @@ def _register_load(kinds: Any) -> None:
 
 
 def _run_encoder(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("export", "torch", "transformers", "onnxruntime")
     from clipsearch.bench.encoder import main
 
@@ -176,8 +177,6 @@ def _run_encoder(args: argparse.Namespace) -> int:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.bench.latency import main
 
@@ -185,8 +184,6 @@ def _run_latency(args: argparse.Namespace) -> int:
 
 
 def _run_load(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     scenarios = [args.scenario, *(part.split("=")[0].strip() for part in args.mix.split(","))]
     if {"encode-image", "search-image", "ingest"}.intersection(scenarios):
         require("runtime", "PIL")  # the generated JPEGs

@@ -24,6 +24,7 @@ from typing import Literal
 
 from clipsearch.bench.load_workload import Outcome, Workload
 from clipsearch.client.types import Timing
+from clipsearch.defaults import DEFAULT_ADDRESS
 
 Mode = Literal["closed", "open"]
 DRAIN_MARGIN_S = 5.0
@@ -41,7 +42,7 @@ class Step:
 
 @dataclass(frozen=True)
 class LoadConfig:
-    server: str = "127.0.0.1:50051"
+    server: str = DEFAULT_ADDRESS
     mix: tuple[tuple[str, float], ...] = (("search-text", 1.0),)
     collection: str | None = None
     top_k: int = 10

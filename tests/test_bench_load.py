@@ -33,8 +33,8 @@ from clipsearch.bench.load import (
 from clipsearch.bench.load_engine import Record, StepRun
 from clipsearch.bench.load_report import summarize
 from clipsearch.bench.load_workload import SCENARIOS, parse_mix
+from clipsearch.cli import main as cli_main
 from clipsearch.client import Client
-from clipsearch.client.cli import main as cli_main
 from clipsearch.server.app import Components, fake_components, served_bundle
 from clipsearch.server.fake import FakeBackend
 from clipsearch.server.settings import Settings
