@@ -63,8 +63,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "tokenizers", "PIL", "pymilvus")
-    from clipsearch.server.app import configure_logging, serve
+    from clipsearch.server.app import configure_logging, log, serve
     from clipsearch.server.errors import ConfigurationError
+    from clipsearch.server.security import ListenError
     from clipsearch.server.settings import Settings
 
     try:
@@ -73,7 +74,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    return asyncio.run(serve(settings, args.ready_file))
+    if args.auth_token:
+        log.warning(
+            "--auth-token on the command line is visible to every local user (ps, "
+            "/proc/PID/cmdline); use --auth-token-file or $CLIPSEARCH_AUTH_TOKEN"
+        )
+    try:
+        return asyncio.run(serve(settings, args.ready_file))
+    except ConfigurationError as exc:
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run_health(args: argparse.Namespace) -> int:
