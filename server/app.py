@@ -9,6 +9,7 @@ batchers, writers and store close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -193,7 +194,11 @@ class ClipSearchServer:
         log.info(
             "listening on %s%s; loading the model",
             self.address,
-            " (mutual TLS)" if self.settings.tls_client_ca else " (TLS)" if self.settings.tls else "",
+            " (mutual TLS)"
+            if self.settings.tls_client_ca
+            else " (TLS)"
+            if self.settings.tls
+            else "",
         )
         warning = exposure_warning(self.settings.replace(port=self.port), self._token)
         if warning:
@@ -233,7 +238,9 @@ class ClipSearchServer:
                 settings=settings,
                 pipeline=pipeline,
                 store=store,
-                catalog=Catalog(store, bundle.manifest.model_id, backend.dim),
+                catalog=Catalog(
+                    store, bundle.manifest.model_id, backend.dim, settings.max_collections
+                ),
                 searcher=Searcher(pipeline, store),
                 writers=CollectionWriters(
                     store.store,
@@ -316,10 +323,8 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
             result, error = fn(*args), None
         except BaseException as exc:
             result, error = None, exc
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop has closed: nobody waits for this any more
-            pass
 
     threading.Thread(target=run, name=f"start-up:{fn.__name__}", daemon=True).start()
     return await future

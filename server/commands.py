@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipsearch import connection_options
 from clipsearch.cli import CommandParser, require
 
 
@@ -46,6 +47,7 @@ def register(commands: Any) -> None:
         "--service", default="", help="service name to check (default: the whole server)"
     )
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    connection_options.add_tls_options(h)
     h.set_defaults(handler=_run_health)
 
 
@@ -94,7 +96,20 @@ def _run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    try:
+        tls = connection_options.tls_files(args)
+    except ValueError as exc:
+        print(f"clipsearch health: {exc}", file=sys.stderr)
+        return 2
+    if tls is None:
+        channel = grpc.insecure_channel(args.server)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            tls.root_certificates, tls.private_key, tls.certificate_chain
+        )
+        options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+        channel = grpc.secure_channel(args.server, credentials, options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(

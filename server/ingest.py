@@ -111,6 +111,12 @@ class CollectionWriters:
         self._store.upsert(collection, list(latest.values()))
         return [None] * len(items)
 
+    async def discard(self, collection: str) -> None:
+        """Stop a dropped collection's writer (and its thread)."""
+        writer = self._writers.pop(collection, None)
+        if writer is not None:
+            await writer.close()
+
     async def close(self) -> None:
         self._closed = True
         writers, self._writers = list(self._writers.values()), {}

@@ -52,7 +52,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     key = _read_pem("tls_key", settings.tls_key)
     chain = _read_pem("tls_cert", settings.tls_cert)
-    client_ca = _read_pem("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    client_ca = (
+        _read_pem("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    )
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
