@@ -12,6 +12,8 @@ from typing import Any
 from clipsearch import connection_options
 from clipsearch.cli import CommandParser, require
 
+EXIT_SIGNALLED = 128  # serve returns 128 + N when signal N came before it was ready
+
 
 def register(commands: Any) -> None:
     p: CommandParser = commands.add_parser(
@@ -82,13 +84,21 @@ def _run_serve(args: argparse.Namespace) -> int:
             "/proc/PID/cmdline); use --auth-token-file or $CLIPSEARCH_AUTH_TOKEN"
         )
     try:
-        return asyncio.run(serve(settings, args.ready_file))
+        code = asyncio.run(serve(settings, args.ready_file))
     except ConfigurationError as exc:
         print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 2
     except ListenError as exc:
         print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 1
+    if code > EXIT_SIGNALLED:
+        # Stopped by a signal while starting: the model (and perhaps the store) is still
+        # loading in a daemon thread, and ONNX Runtime aborts if the interpreter finalizes
+        # under it. Nothing has been written yet, so leave without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run_health(args: argparse.Namespace) -> int:
