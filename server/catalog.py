@@ -3,8 +3,8 @@
 A collection records the model it was built with; searching or ingesting it with another
 model would compare vectors from different spaces, so that fails with FAILED_PRECONDITION.
 Descriptions are cached per collection and forgotten on create/drop or when the store says
-the collection is gone. At most `max_collections` collections may exist: each one that is
-written to costs the server a writer thread.
+the collection is gone. At most `max_collections` collections may exist: each costs
+memory and threads in the store, and a writer in the server.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Any
 
 from clipsearch import connection_options
 from clipsearch.cli import CommandParser, require
+from clipsearch.defaults import DEFAULT_ADDRESS
 
 EXIT_SIGNALLED = 128  # serve returns 128 + N when signal N came before it was ready
 
@@ -22,7 +23,7 @@ def register(commands: Any) -> None:
         description=(
             "Serve Encode, Search, Ingest and collection calls over gRPC, with health and "
             "reflection. Defaults: the committed demo model, a Milvus Lite file "
-            "./clipsearch.db, 127.0.0.1:50051. Every option can also be set by the "
+            f"./clipsearch.db, {DEFAULT_ADDRESS}. Every option can also be set by the "
             "environment variable shown; flags win. SIGINT/SIGTERM drain calls in flight "
             "and stop."
         ),
@@ -42,8 +43,8 @@ def register(commands: Any) -> None:
     )
     h.add_argument(
         "--server",
-        default=os.environ.get("CLIPSEARCH_SERVER", "127.0.0.1:50051"),
-        help="host:port (default: $CLIPSEARCH_SERVER or 127.0.0.1:50051)",
+        default=os.environ.get("CLIPSEARCH_SERVER", DEFAULT_ADDRESS),
+        help=f"host:port (default: $CLIPSEARCH_SERVER or {DEFAULT_ADDRESS})",
     )
     h.add_argument(
         "--service", default="", help="service name to check (default: the whole server)"
