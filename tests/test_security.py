@@ -344,11 +344,15 @@ def test_creating_past_max_collections_fails_with_failed_precondition(
 # --- one server per port --------------------------------------------------------------------
 
 
+async def start_another(port: int) -> None:
+    """Start a server on `port` (built in the running loop, as gRPC's asyncio server wants)."""
+    await ClipSearchServer(fake_settings(port=port), fake_components()).start()
+
+
 def test_a_second_server_on_the_same_port_fails_to_start() -> None:
     with ThreadedServer(fake_settings(), fake_components()) as first:
-        second = ClipSearchServer(fake_settings(port=first.port), fake_components())
         with pytest.raises(ListenError, match="address already in use"):
-            first.run(second.start())
+            first.run(start_another(first.port))
         with Client(first.address, timeout=10) as client:  # the first one serves on
             assert client.list_collections() == []
 
@@ -358,10 +362,10 @@ def test_a_port_held_by_any_socket_fails_the_same_way() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        with ThreadedServer(fake_settings(), fake_components()) as running:
-            server = ClipSearchServer(fake_settings(port=port), fake_components())
-            with pytest.raises(ListenError, match=f"127.0.0.1:{port}: address already in use"):
-                running.run(server.start())
+        busy = f"127.0.0.1:{port}: address already in use"
+        running = ThreadedServer(fake_settings(), fake_components())
+        with running, pytest.raises(ListenError, match=busy):
+            running.run(start_another(port))
 
 
 def serve_command(*args: str) -> list[str]:

@@ -74,6 +74,7 @@ class _LiteServer:
         except BaseException:
             self.close()
             raise
+        log.info("Milvus Lite %s served on %s (only this user can connect)", path, self.uri)
 
     def close(self) -> None:
         try:
