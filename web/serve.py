@@ -29,6 +29,7 @@ class WebServer:
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
+        self.socket.listen(2048)  # connections wait in the backlog until uvicorn accepts
         self.host = host
         self.port: int = self.socket.getsockname()[1]
         self.server = uvicorn.Server(
