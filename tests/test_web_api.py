@@ -8,6 +8,10 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -537,3 +541,48 @@ def test_models_lists_the_served_model_once(site: Site) -> None:
             }
         ],
     }
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_clipsearch_web_serves_until_interrupted(site: Site, tmp_path: Path) -> None:
+    address = site.web.app.state.web.backends.config.servers[0]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clipsearch", "web", "--server", address, "--port", "0",
+         "--media-root", str(site.media)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("clipsearch web on http://127.0.0.1:"), line
+        url = line.split()[3]
+        with httpx.Client(base_url=url, timeout=30) as http:
+            body = http.post("/api/search", json={"text": "red", "collection": "few"}).json()
+            assert len(body["hits"]) == 5
+            assert http.get(body["hits"][0]["thumbnail"]).status_code == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0, process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_clipsearch_web_refuses_a_missing_media_root(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "clipsearch", "web", "--media-root", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == f"clipsearch web: --media-root {tmp_path / 'none'} is not a directory\n"
+    helped = subprocess.run(
+        [sys.executable, "-m", "clipsearch", "web", "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert helped.returncode == 0
+    for option in ("--server HOST:PORT", "--token", "--timeout", "--host", "--port",
+                   "--media-root DIR", "--extra-server HOST:PORT"):  # fmt: skip
+        assert option in helped.stdout
