@@ -18,13 +18,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipsearch.defaults import DEFAULT_ADDRESS
+
 if TYPE_CHECKING:
     import numpy as np
 
     from clipsearch.client.client import Client
-    from clipsearch.client.types import Hit, IngestSummary, SearchResult, Timing
+    from clipsearch.client.types import Hit, IngestSummary, SearchResult
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_SERVER = DEFAULT_ADDRESS
 EXIT_CALL_FAILED = 1
 EXIT_LOCAL_ERROR = 2
 MAX_ERRORS_SHOWN = 20
@@ -412,21 +414,13 @@ def format_hits(
             lines.append(_row(f"{rank:>4}  {hit.score:7.4f}", row, widths))
     if result.query_truncated:
         lines.append("note: the query text was longer than the model's context and was cut")
-    lines.append(format_timing(result.timing))
+    lines.append(f"timing: {result.timing}")
     return "\n".join(lines)
 
 
 def _row(start: str, cells: Sequence[str], widths: Sequence[int]) -> str:
     padded = (_fit(cell, width) for cell, width in zip(cells, widths, strict=True))
     return "  ".join((start, *padded)).rstrip()
-
-
-def format_timing(timing: Timing) -> str:
-    return (
-        f"timing: {timing.total_ms:.2f} ms on the server (queue {timing.queue_ms:.2f}, "
-        f"preprocess {timing.preprocess_ms:.2f}, inference {timing.inference_ms:.2f}, "
-        f"search {timing.search_ms:.2f} ms)"
-    )
 
 
 # --- profile -----------------------------------------------------------------------------

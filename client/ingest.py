@@ -143,10 +143,6 @@ class IngestState:
     def reconnects(self) -> int:
         return max(0, self.attempts - 1)
 
-    @property
-    def finished(self) -> bool:
-        return self.source_done and not self.pending
-
     # --- request side ------------------------------------------------------------------
 
     def begin_attempt(self) -> Attempt:
@@ -289,23 +285,14 @@ class IngestState:
 
 # --- the sync driver -------------------------------------------------------------------
 
-OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterator[pb.IngestAck]]
+OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterable[pb.IngestAck]]
 
 
-class SyncIngestStream(Iterator[IngestResult]):
-    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+class IngestRun:
+    """What both drivers show of their run: its state, summary and reconnects so far."""
 
-    Closing it (or breaking out of the loop and dropping it) cancels the stream.
-    """
-
-    def __init__(
-        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
-    ) -> None:
+    def __init__(self, state: IngestState) -> None:
         self.state = state
-        self._source = iter(items)
-        self._source_lock = threading.Lock()
-        self._open_stream = open_stream
-        self._results = self._run()
 
     @property
     def summary(self) -> IngestSummary:
@@ -314,6 +301,22 @@ class SyncIngestStream(Iterator[IngestResult]):
     @property
     def reconnects(self) -> int:
         return self.state.reconnects
+
+
+class SyncIngestStream(IngestRun, Iterator[IngestResult]):
+    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+
+    Closing it (or breaking out of the loop and dropping it) cancels the stream.
+    """
+
+    def __init__(
+        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
+    ) -> None:
+        super().__init__(state)
+        self._source = iter(items)
+        self._source_lock = threading.Lock()
+        self._open_stream = open_stream
+        self._results = self._run()
 
     def __iter__(self) -> SyncIngestStream:
         return self
@@ -402,10 +405,10 @@ class SyncIngestStream(Iterator[IngestResult]):
 
 # --- the asyncio driver ----------------------------------------------------------------
 
-OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterator[pb.IngestAck]]
+OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterable[pb.IngestAck]]
 
 
-class AsyncIngestStream(AsyncIterator[IngestResult]):
+class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
     """Results of `AsyncClient.ingest()` as they arrive; `.summary` counts them."""
 
     def __init__(
@@ -414,21 +417,13 @@ class AsyncIngestStream(AsyncIterator[IngestResult]):
         items: Iterable[IngestItem] | AsyncIterable[IngestItem],
         open_stream: OpenAsyncStream,
     ) -> None:
-        self.state = state
+        super().__init__(state)
         self._source: Iterator[IngestItem] | AsyncIterator[IngestItem] = (
             aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         )
         self._source_lock = asyncio.Lock()
         self._open_stream = open_stream
         self._results = self._run()
-
-    @property
-    def summary(self) -> IngestSummary:
-        return self.state.summary
-
-    @property
-    def reconnects(self) -> int:
-        return self.state.reconnects
 
     def __aiter__(self) -> AsyncIngestStream:
         return self

@@ -167,7 +167,7 @@ class ClipSearchServer:
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING); warm up in the background."""
         # The generated service module has no annotations.
-        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
@@ -202,7 +202,7 @@ class ClipSearchServer:
                 catalog=Catalog(store, bundle.manifest.model_id, backend.dim),
                 searcher=Searcher(pipeline, store),
                 writers=CollectionWriters(
-                    store.store,
+                    store,
                     batch=settings.ingest_write_batch,
                     wait_ms=settings.ingest_write_wait_ms,
                     max_queue=settings.max_queue,
@@ -254,8 +254,16 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pymilvus logs every failed RPC with a traceback at ERROR; our errors say enough.
+    quiet_dependencies()
+
+
+def quiet_dependencies() -> None:
+    """The one place that turns down other libraries' logs."""
+    # pymilvus logs every failed call with a traceback at ERROR; the store turns each into a
+    # domain error that the service reports, so that log would only repeat it.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    # faiss (under Milvus Lite) logs which CPU build it loads, at INFO, on every start.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> int:

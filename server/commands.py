@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clipsearch.cli import CommandParser, require
+from clipsearch.defaults import DEFAULT_ADDRESS
 
 
 def register(commands: Any) -> None:
@@ -19,7 +20,7 @@ def register(commands: Any) -> None:
         description=(
             "Serve Encode, Search, Ingest and collection calls over gRPC, with health and "
             "reflection. Defaults: the committed demo model, a Milvus Lite file "
-            "./clipsearch.db, 127.0.0.1:50051. Every option can also be set by the "
+            f"./clipsearch.db, {DEFAULT_ADDRESS}. Every option can also be set by the "
             "environment variable shown; flags win. SIGINT/SIGTERM drain calls in flight "
             "and stop."
         ),
@@ -39,8 +40,8 @@ def register(commands: Any) -> None:
     )
     h.add_argument(
         "--server",
-        default=os.environ.get("CLIPSEARCH_SERVER", "127.0.0.1:50051"),
-        help="host:port (default: $CLIPSEARCH_SERVER or 127.0.0.1:50051)",
+        default=os.environ.get("CLIPSEARCH_SERVER", DEFAULT_ADDRESS),
+        help=f"host:port (default: $CLIPSEARCH_SERVER or {DEFAULT_ADDRESS})",
     )
     h.add_argument(
         "--service", default="", help="service name to check (default: the whole server)"

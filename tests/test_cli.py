@@ -168,8 +168,8 @@ def test_hit_table_aligns_wide_characters() -> None:
     columns = [commands.display_width(line[: line.index("/img")]) for line in lines[1:3]]
     assert columns[0] == columns[1]
     assert lines[3] == (
-        "timing: 4.50 ms on the server (queue 0.10, preprocess 0.20, inference 3.00, "
-        "search 1.00 ms)"
+        "timing: server 4.50 ms (queue 0.10, preprocess 0.20, inference 3.00, "
+        "search 1.00 ms; batch 0)"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import inspect
 import json
 import queue
 import subprocess
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clipsearch.client import convert
+from clipsearch.client import AsyncClient, Client, convert
 from clipsearch.client.channel import (
     RETRYABLE_METHODS,
     SERVICE,
@@ -325,6 +326,115 @@ def test_token_metadata() -> None:
     assert call_metadata("s3cret") == (("authorization", "Bearer s3cret"),)
     assert call_metadata(None) == ()
     assert call_metadata("") == ()
+
+
+# --- the two faces of one implementation ------------------------------------------------
+
+UNARY_OPERATIONS = (
+    "info",
+    "wait_until_ready",
+    "encode_texts",
+    "encode_images",
+    "search",
+    "ingest_path",
+    "get",
+    "delete",
+    "count",
+    "create_collection",
+    "list_collections",
+    "drop_collection",
+    "profile",
+)
+
+
+@pytest.mark.parametrize("name", UNARY_OPERATIONS)
+def test_both_faces_have_each_operation_with_one_signature_and_doc(name: str) -> None:
+    blocking, awaited = getattr(Client, name), getattr(AsyncClient, name)
+    assert inspect.signature(blocking) == inspect.signature(awaited)
+    assert blocking.__doc__ and blocking.__doc__ == awaited.__doc__
+    assert inspect.iscoroutinefunction(awaited) and not inspect.iscoroutinefunction(blocking)
+
+
+def test_a_face_method_signature_reads_like_a_method() -> None:
+    assert str(inspect.signature(Client.count)) == (
+        "(self, filter: 'str' = '', *, collection: 'str | None' = None, "
+        "timeout: 'float | None' = None) -> 'int'"
+    )
+    assert list(inspect.signature(Client("127.0.0.1:9").search).parameters)[:2] == [
+        "text",
+        "image",
+    ]
+
+
+class ScriptedInfo:
+    """The Info method of a fake stub: raises the scripted errors in turn, then answers."""
+
+    def __init__(self, errors: list[grpc.StatusCode], awaited: bool = False) -> None:
+        self.errors = errors
+        self.awaited = awaited
+        self.calls: list[tuple[float | None, Any]] = []
+
+    def __call__(self, request: pb.InfoRequest, timeout: float | None, metadata: Any) -> Any:
+        assert isinstance(request, pb.InfoRequest)
+        self.calls.append((timeout, metadata))
+        code = self.errors.pop(0) if self.errors else None
+
+        def answer() -> pb.InfoResponse:
+            if code is not None:
+                raise FakeRpcError(code, f"scripted {code.name}")
+            return pb.InfoResponse(model_name="m", dim=8)
+
+        if not self.awaited:
+            return answer()
+
+        async def later() -> pb.InfoResponse:
+            return answer()
+
+        return later()
+
+
+class FakeStub:
+    def __init__(self, info: ScriptedInfo) -> None:
+        self.Info = info
+
+
+def _client_with(info: ScriptedInfo, **options: Any) -> Client:
+    client = Client("127.0.0.1:9", **options)
+    client._stub = FakeStub(info)  # type: ignore[assignment]
+    return client
+
+
+def test_a_unary_call_gets_its_deadline_token_and_typed_error() -> None:
+    info = ScriptedInfo([grpc.StatusCode.NOT_FOUND])
+    client = _client_with(info, timeout=7.0, token="t")
+    with pytest.raises(NotFound, match="scripted NOT_FOUND"):
+        client.info()
+    assert client.info(timeout=2.0).model_name == "m"
+    token = (("authorization", "Bearer t"),)
+    assert info.calls == [(7.0, token), (2.0, token)]
+    client.close()
+
+
+def test_wait_until_ready_retries_through_the_plan_until_the_server_answers() -> None:
+    info = ScriptedInfo([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE])
+    client = _client_with(info)
+    assert client.wait_until_ready(timeout=5.0).dim == 8
+    assert len(info.calls) == 3
+    info.errors = [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE]
+    with pytest.raises(InvalidArgument):
+        client.wait_until_ready(timeout=5.0)  # not a "not ready yet": raised at once
+    assert len(info.calls) == 4
+    client.close()
+
+
+async def test_the_async_face_runs_the_same_plans() -> None:
+    info = ScriptedInfo([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND], awaited=True)
+    async with AsyncClient("127.0.0.1:9", timeout=3.0) as client:
+        client._stub = FakeStub(info)  # type: ignore[assignment]
+        with pytest.raises(NotFound):
+            await client.wait_until_ready(timeout=5.0)
+        assert (await client.info()).model_name == "m"
+    assert [timeout for timeout, _ in info.calls][1:] == [pytest.approx(5.0, abs=0.5), 3.0]
 
 
 # --- item sources ------------------------------------------------------------------------
@@ -772,6 +882,46 @@ async def test_async_ingest_accepts_sync_iterables() -> None:
     server = FakeIngestServer(window=2)
     summary = await AsyncIngestStream(_state(window=2), _items(5), server.open_async).run()
     assert (summary.ok, summary.failed, summary.skipped) == (5, 0, 0)
+
+
+class FakeIngestStub:
+    def __init__(self, server: FakeIngestServer, awaited: bool) -> None:
+        self.server = server
+        self.awaited = awaited
+        self.timeouts: list[float | None] = []
+
+    def Ingest(self, requests: Any, timeout: float | None, metadata: Any) -> Any:
+        self.timeouts.append(timeout)
+        if self.awaited:
+            return self.server.open_async(requests)
+        return self.server.open_sync(requests)
+
+
+def _gallery(root: Path) -> Path:
+    for name in ("a.jpg", "b.png", "c.webp"):
+        (root / name).write_bytes(name.encode())
+    return root
+
+
+def test_ingest_path_runs_the_whole_ingest_in_the_plan(tmp_path: Path) -> None:
+    server = FakeIngestServer(break_after={0: 1}, window=2)
+    with Client("127.0.0.1:9") as client:
+        client._stub = FakeIngestStub(server, awaited=False)  # type: ignore[assignment]
+        summary = client.ingest_path(
+            _gallery(tmp_path), collection="c", progress=False, max_attempts=3
+        )
+    assert (summary.ok, summary.failed, summary.reconnects) == (3, 0, 1)
+    assert server.options[0].collection == "c"
+    assert sorted(seq for acked in server.acked for seq in acked) == [0, 1, 2]
+
+
+async def test_async_ingest_path_runs_the_same_plan(tmp_path: Path) -> None:
+    server = FakeIngestServer(window=2)
+    async with AsyncClient("127.0.0.1:9") as client:
+        client._stub = FakeIngestStub(server, awaited=True)  # type: ignore[assignment]
+        summary = await client.ingest_path(_gallery(tmp_path), progress=True)
+    assert (summary.ok, summary.failed, summary.skipped) == (3, 0, 0)
+    assert server.received == [[0, 1, 2]]
 
 
 def test_backoff_grows_exponentially_up_to_its_maximum() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,6 @@ from clipsearch.server.errors import (
 )
 from clipsearch.server.store import validation
 from clipsearch.server.store.api import (
-    OUTPUT_FIELDS,
     CollectionInfo,
     StoredItem,
     StoreHit,
@@ -152,7 +151,7 @@ class InMemoryStore:
         with self._lock:
             collection = self._collection(name)
             query = validation.unit_vector(vector, collection.dim, "query vector")
-            fields = _output_fields(output_fields)
+            fields = validation.output_fields(output_fields)
             excluded = set(_unique_ids(exclude_ids))
             predicate = compile_filter(filter)
             search_params(_EXACT, top_k, offset, params)  # refuse what Milvus would refuse
@@ -201,24 +200,13 @@ class InMemoryStore:
 
 def _stored(item: StoredItem, dim: int) -> StoredItem:
     """A private copy of `item` as Milvus would store it. Raises InvalidInput naming it."""
-    validation.check_id(item.id)
-    validation.check_text(item.uri, "uri", validation.MAX_URI_BYTES, item.id)
-    validation.check_text(item.caption, "caption", validation.MAX_CAPTION_BYTES, item.id)
-    validation.check_metadata(item.metadata, item.id)
-    if item.image_vector is None:
-        raise InvalidInput(f"item {item.id!r} has no image vector")
-    image = validation.unit_vector(item.image_vector, dim, f"item {item.id!r}: image vector")
-    caption = None
-    if item.caption_vector is not None:
-        what = f"item {item.id!r}: caption vector"
-        caption = validation.unit_vector(item.caption_vector, dim, what).copy()
-    return StoredItem(
-        id=item.id,
-        uri=item.uri,
-        caption=item.caption,
+    item = validation.check_item(item, dim)
+    image, caption = item.image_vector, item.caption_vector
+    return replace(
+        item,
         metadata=json.loads(json.dumps(item.metadata)),
-        image_vector=image.copy(),
-        caption_vector=caption,
+        image_vector=None if image is None else image.copy(),
+        caption_vector=None if caption is None else caption.copy(),
     )
 
 
@@ -263,14 +251,3 @@ def _checked_ids(ids: Sequence[str]) -> list[str]:
     for item_id in wanted:
         validation.check_id(item_id)
     return wanted
-
-
-def _output_fields(requested: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(requested, str):
-        raise InvalidInput("output_fields must be a list of field names, not one string")
-    unknown = [f for f in requested if f not in OUTPUT_FIELDS]
-    if unknown:
-        raise InvalidInput(
-            f"unknown output field {unknown[0]!r}: choose from {', '.join(OUTPUT_FIELDS)}"
-        )
-    return tuple(dict.fromkeys(requested)) or OUTPUT_FIELDS
