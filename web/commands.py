@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipsearch import connection_options
 from clipsearch.cli import require
-from clipsearch.client.commands import _common_options as client_connection_options
+from clipsearch.client.commands import connection_parser, tls_config
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -18,7 +19,7 @@ DEFAULT_PORT = 8000
 def register(commands: Any) -> None:
     p: argparse.ArgumentParser = commands.add_parser(
         "web",
-        parents=[client_connection_options()],
+        parents=[connection_parser()],
         help="a search page and an HTTP API (JSON, OpenAI-compatible embeddings) for a server",
         description=(
             "Serves one page: a search box (any language the model reads), image upload, a "
@@ -76,10 +77,19 @@ def _run_web(args: argparse.Namespace) -> int:
     if args.media_root is not None and not args.media_root.is_dir():
         print(f"clipsearch web: --media-root {args.media_root} is not a directory", file=sys.stderr)
         return 2
+    if connection_options.token_on_command_line(args):
+        print(f"clipsearch web: {connection_options.TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
+    try:
+        token = connection_options.bearer_token(args)
+        tls = tls_config(args)
+    except (OSError, ValueError) as exc:
+        print(f"clipsearch web: {exc}", file=sys.stderr)
+        return 2
     config = WebConfig(
         servers=(args.server, *args.extra_server),
         timeout=args.timeout,
-        token=args.token,
+        token=token,
+        tls=tls,
         media_root=args.media_root,
         thumbnail_cache_mb=args.thumbnail_cache_mb,
     )
