@@ -77,6 +77,14 @@ class Settings:
         500.0, "bulk (ingest) items older than this are served like interactive ones"
     )
 
+    # --- request limits
+    max_text_bytes: int = _setting(
+        16384, "largest text accepted (Encode, text Search, captions), UTF-8 bytes"
+    )
+    max_inputs_per_request: int = _setting(
+        1024, "most texts and images in one Encode request (at most max_queue)"
+    )
+
     # --- images
     max_image_bytes: int = _setting(20 * 1024 * 1024, "largest encoded image accepted, bytes")
     max_image_pixels: int = _setting(50_000_000, "largest image accepted, width x height")
@@ -112,10 +120,16 @@ class Settings:
         positive = (
             "max_message_mb", "max_batch_size", "max_queue", "inference_workers",
             "max_image_bytes", "max_image_pixels", "ingest_window", "ingest_write_batch",
+            "max_text_bytes", "max_inputs_per_request",
         )  # fmt: skip
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
         problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
+        if self.max_inputs_per_request > self.max_queue:
+            problems.append(
+                f"max_inputs_per_request={self.max_inputs_per_request} must be at most "
+                f"max_queue={self.max_queue}: a larger request could never be queued"
+            )
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")
