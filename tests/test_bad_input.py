@@ -65,7 +65,7 @@ class Case:
     input: str  # what is sent (Markdown)
     expected: grpc.StatusCode
     send: Callable[[Wire], grpc.StatusCode | None]  # None: the call's own status decides
-    reported: str = "status"  # where the code shows: the call's status, or a reply field
+    reported: str = "the call's status"  # or a reply field
 
     @property
     def id(self) -> str:
