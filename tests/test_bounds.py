@@ -13,6 +13,7 @@ the fake encoder) where it does.
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import threading
 import time
@@ -26,7 +27,12 @@ from image_fixtures import encode, pattern
 from server_fixtures import ThreadedServer, quick_settings, served_model
 
 from clipsearch.server.app import Components, fake_components
+from clipsearch.server.errors import ConfigurationError, InvalidFilter, InvalidInput
+from clipsearch.server.settings import Settings
 from clipsearch.server.store import MilvusStore
+from clipsearch.server.store.expressions import check_filter
+from clipsearch.server.store.indexing import IndexConfig, check_search_params
+from clipsearch.server.store.validation import check_text_bytes
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
@@ -181,9 +187,11 @@ def _check_concurrent_search(stub: pb_grpc.ClipSearchStub) -> None:
     texts = [pb.EncodeInput(text=str(i % 10) * TEXT_CAP) for i in range(8)]
     big_took: list[float] = []
 
+    big_timing: list[pb.Timing] = []
+
     def big_call() -> None:
         started = time.perf_counter()
-        stub.Encode(pb.EncodeRequest(inputs=texts), timeout=120)
+        big_timing.append(stub.Encode(pb.EncodeRequest(inputs=texts), timeout=120).timing)
         big_took.append(time.perf_counter() - started)
 
     busy = threading.Thread(target=big_call)
@@ -193,6 +201,11 @@ def _check_concurrent_search(stub: pb_grpc.ClipSearchStub) -> None:
     assert big_took, "the big Encode failed"
     # The big call did take long, and the searches ran all through it.
     assert big_took[0] > 0.2, big_took
+    # Tokenizing is the preprocess stage (pool wait included); the batcher's queue time
+    # starts once it is done, so the stages add up to at most the total.
+    t = big_timing[0]
+    assert t.preprocess_us >= t.total_us // 2, t
+    assert t.preprocess_us + t.queue_us + t.inference_us <= t.total_us, t
     assert len(during) >= 5, f"{len(during)} searches completed in {big_took[0]:.2f} s: {during}"
     # Each search's own work is a millisecond or two; it may wait for a core (the big call's
     # tokenizing holds one), never for the big call. The 95th percentile, not the maximum:
@@ -398,3 +411,86 @@ def test_like_id_with_a_filter_that_selects_the_item_still_excludes_it(
     assert like(stub, 'id == "x0" or id != ""') == (grpc.StatusCode.OK, others)
     assert like(stub, "") == (grpc.StatusCode.OK, others)
     assert like(stub, 'id == "x0"') == (grpc.StatusCode.OK, "")
+
+
+# --- the checks themselves -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "problem"),
+    [
+        ("(" * 33 + "a" + ")" * 33, "nested more than 32"),
+        ("not " * 33 + "a", "nested more than 32"),
+        ("!" * 20 + "(" * 13 + "a" + ")" * 13, "nested more than 32"),
+        ("a in " + "[" * 33 + "]" * 33, "nested more than 32"),
+        ("(a", "unclosed '('"),
+        ("a)", "unbalanced ')'"),
+        ("(a]", "unbalanced ']'"),
+        ('a == "b', 'unclosed " quote'),
+        ("a == 'b\\' or c", "unclosed ' quote"),
+        (" or ".join("a" * 1 for _ in range(258)), "257 and/or operators"),
+        ("x" * 65537, "65537 bytes long"),
+        ("字" * 21846, "65538 bytes long"),
+    ],
+)
+def test_check_filter_refuses(expression: str, problem: str) -> None:
+    with pytest.raises(InvalidFilter, match=re.escape(problem)):
+        check_filter(expression)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "",
+        "(" * 32 + "a" + ")" * 32,
+        "not " * 32 + "a",
+        # a not's reach ends at and/or on its level, so these nots never pile up
+        " and ".join(["not a"] * 200),
+        "(not " * 16 + "a" + ")" * 16,
+        'id not in ["a", "b"] and caption not like "x%"',  # binary nots are not nesting
+        'caption == "((((((((((((((((((((((((((((((((((((" and caption != \'"\'',
+        " or ".join(["a"] * 257),
+        "x" * 65536,
+    ],
+)
+def test_check_filter_accepts(expression: str) -> None:
+    assert check_filter(expression) == expression
+
+
+def test_check_search_params() -> None:
+    assert check_search_params({"ef": 64.0, "nprobe": 8, "level": 5, "radius": 0.2}) == {
+        "ef": 64,
+        "nprobe": 8,
+        "level": 5,
+        "radius": 0.2,
+    }
+    assert check_search_params(None) == {}
+    for bad, message in [
+        ({"ef": 16385}, "between 1 and 16384"),
+        ({"ef": 1.5}, "positive integer"),
+        ({"ef": True}, "finite number"),
+        ({"range_filter": float("inf")}, "finite number"),
+        ({"x" * 1000: 1}, "unknown search param 'xxxx"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            check_search_params(bad)
+    with pytest.raises(ConfigurationError, match="search_params: unknown search param 'foo'"):
+        IndexConfig.from_strings("HNSW", "IP", "", '{"foo": 1}')
+
+
+def test_check_text_bytes_counts_utf8_bytes() -> None:
+    check_text_bytes("a" * 100, 100, "t")
+    check_text_bytes("字" * 33, 100, "t")
+    with pytest.raises(InvalidInput, match=r"^t is 102 bytes, at most 100 allowed \(setting s\)$"):
+        check_text_bytes("字" * 34, 100, "t", "s")
+    with pytest.raises(InvalidInput, match="t is 101 characters, more than 100 bytes"):
+        check_text_bytes("字" * 101, 100, "t")
+    with pytest.raises(InvalidInput, match="lone surrogate"):
+        check_text_bytes("\ud800" * 30, 100, "t")
+
+
+def test_max_inputs_per_request_cannot_exceed_the_queue() -> None:
+    with pytest.raises(ConfigurationError, match="max_inputs_per_request=65 must be at most"):
+        Settings(max_queue=64, max_inputs_per_request=65)
+    with pytest.raises(ConfigurationError, match="max_text_bytes must be > 0"):
+        Settings(max_text_bytes=0)
