@@ -185,7 +185,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         started = time.perf_counter()
         if not request.inputs:
             raise InvalidInput("no inputs: send texts and/or images")
-        limit = self.settings.max_inputs_per_request
+        limit = self.settings.inputs_per_request
         if len(request.inputs) > limit:
             raise InvalidInput(
                 f"{len(request.inputs)} inputs in one request, at most {limit} allowed "

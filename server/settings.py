@@ -82,7 +82,7 @@ class Settings:
         16384, "largest text accepted (Encode, text Search, captions), UTF-8 bytes"
     )
     max_inputs_per_request: int = _setting(
-        1024, "most texts and images in one Encode request (at most max_queue)"
+        1024, "most texts and images in one Encode request (a smaller max_queue lowers it)"
     )
 
     # --- images
@@ -125,11 +125,6 @@ class Settings:
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
         problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
-        if self.max_inputs_per_request > self.max_queue:
-            problems.append(
-                f"max_inputs_per_request={self.max_inputs_per_request} must be at most "
-                f"max_queue={self.max_queue}: a larger request could never be queued"
-            )
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")
@@ -139,6 +134,11 @@ class Settings:
     @property
     def providers(self) -> tuple[str, ...]:
         return tuple(p.strip().lower() for p in self.device.split(",") if p.strip())
+
+    @property
+    def inputs_per_request(self) -> int:
+        """The Encode maximum in force: a request larger than the queue could never fit."""
+        return min(self.max_inputs_per_request, self.max_queue)
 
     @property
     def uses_milvus_lite(self) -> bool:

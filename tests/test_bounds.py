@@ -489,8 +489,19 @@ def test_check_text_bytes_counts_utf8_bytes() -> None:
         check_text_bytes("\ud800" * 30, 100, "t")
 
 
-def test_max_inputs_per_request_cannot_exceed_the_queue() -> None:
-    with pytest.raises(ConfigurationError, match="max_inputs_per_request=65 must be at most"):
-        Settings(max_queue=64, max_inputs_per_request=65)
+def test_the_input_maximum_is_never_above_the_queue(tmp_path: Path) -> None:
+    assert Settings().inputs_per_request == INPUTS_CAP
+    assert Settings(max_queue=64).inputs_per_request == 64
     with pytest.raises(ConfigurationError, match="max_text_bytes must be > 0"):
         Settings(max_text_bytes=0)
+    settings = quick_settings(tmp_path / "unused.db", served_model(), max_queue=8)
+    with (
+        ThreadedServer(settings, fake_components()) as running,
+        grpc.insecure_channel(running.address) as channel,
+    ):
+        stub = pb_grpc.ClipSearchStub(channel)
+        request = pb.EncodeRequest(inputs=[pb.EncodeInput(text=f"t{i}") for i in range(9)])
+        code, message = code_of(lambda: stub.Encode(request, timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "9 inputs in one request, at most 8 allowed" in message
+        assert len(stub.Encode(pb.EncodeRequest(inputs=request.inputs[:8])).embeddings) == 8
