@@ -1,9 +1,13 @@
 """The one translation from domain errors to gRPC statuses, and the catch-all around it.
 
 Every RPC handler runs inside `ErrorInterceptor`: a `ClipsearchError` becomes its status code
-with its message; anything else is logged with its traceback under a short reference and the
-client gets INTERNAL with that reference — never the traceback. No request can kill the
-server. `AuthInterceptor` checks a bearer token when one is configured.
+with its message (and one log line); anything else is logged with its traceback under a
+short reference and the client gets INTERNAL with that reference — never the traceback. No
+request can kill the server. A request message protobuf cannot decode (invalid UTF-8 in a
+string field, a corrupt wire format) is INVALID_ARGUMENT: grpc decodes it before any
+handler runs and would answer UNKNOWN, so the interceptor's deserializer hands the handler
+a marker instead, which the handler turns into the error. `AuthInterceptor` checks a bearer
+token when one is configured.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
 
-from clipsearch.server.errors import ClipsearchError, ErrorCode
+from clipsearch.server.errors import ClipsearchError, ErrorCode, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,10 @@ UNAUTHENTICATED_METHODS = (
 )
 
 
+# A refused request is logged on one line; its message (which may quote the request) is cut.
+MAX_LOGGED_MESSAGE = 300
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(exc, ClipsearchError):
@@ -54,14 +63,52 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 async def _abort(context: aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
     code, message = status_of(exc)
     if isinstance(exc, ClipsearchError):
-        log.info("%s -> %s: %s", method, code.name, message)
+        shown = message[:MAX_LOGGED_MESSAGE] + ("..." if len(message) > MAX_LOGGED_MESSAGE else "")
+        log.info("%s -> %s: %s", method, code.name, shown.replace("\n", " "))
     await context.abort(code, message)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the handler gets in place of a request message protobuf could not decode."""
+
+    reason: str
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a decoder raises
+            return _Undecodable(f"the request message could not be decoded: {exc}")
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(request.reason)
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
+def _requests(request: Any, streaming: bool) -> Any:
+    return _decoded_stream(request) if streaming else _decoded(request)
+
+
+def _wrap_unary(
+    behavior: Callable[..., Awaitable[Any]], method: str, streaming: bool
+) -> Callable[..., Any]:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(_requests(request, streaming), context)
         except aio.AbortError:
             raise
         except Exception as exc:
@@ -71,10 +118,12 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     return handler
 
 
-def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_streaming(
+    behavior: Callable[..., Any], method: str, streaming: bool
+) -> Callable[..., Any]:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
-            responses = behavior(request, context)
+            responses = behavior(_requests(request, streaming), context)
             if inspect.isawaitable(responses):  # a handler that writes with context.write()
                 await responses
                 return
@@ -88,9 +137,10 @@ def _wrap_streaming(behavior: Callable[..., Any], method: str) -> Callable[..., 
     return handler
 
 
-def _rewrap(handler: Handler, wrap: Callable[[Any], Any]) -> Handler:
+def _rewrap(handler: Handler, wrap: Callable[[Any], Any], lenient: bool = False) -> Handler:
+    deserializer = handler.request_deserializer
     common = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _lenient(deserializer) if lenient else deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
@@ -109,10 +159,10 @@ class ErrorInterceptor(Interceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        method, streaming = handler_call_details.method, handler.request_streaming
         if handler.response_streaming:
-            return _rewrap(handler, lambda b: _wrap_streaming(b, method))
-        return _rewrap(handler, lambda b: _wrap_unary(b, method))
+            return _rewrap(handler, lambda b: _wrap_streaming(b, method, streaming), lenient=True)
+        return _rewrap(handler, lambda b: _wrap_unary(b, method, streaming), lenient=True)
 
 
 class AuthInterceptor(Interceptor):

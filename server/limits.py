@@ -21,6 +21,28 @@ MAX_TOP_K = 1000
 MAX_RESULT_WINDOW = 16384
 # Fields a search may return besides id and score; an empty request means all of them.
 OUTPUT_FIELDS = ("uri", "caption", "metadata")
+# The search params a caller (or `--search-params`) may set, with their inclusive bounds.
+# ef (HNSW) above the result window only costs memory and time; nprobe (IVF) above Milvus's
+# largest nlist is meaningless; level is AUTOINDEX's accuracy knob; radius and range_filter
+# bound a range search by score, a cosine. Any other param is refused.
+SEARCH_PARAM_BOUNDS: dict[str, tuple[float, float]] = {
+    "ef": (1, MAX_RESULT_WINDOW),
+    "nprobe": (1, 65536),
+    "level": (1, 5),
+    "radius": (-1.0, 1.0),
+    "range_filter": (-1.0, 1.0),
+}
+# Params Milvus reads as integers.
+INTEGER_SEARCH_PARAMS = frozenset({"ef", "nprobe", "level"})
+
+# --- filters (Milvus boolean expressions) --------------------------------------------------
+# Checked before any parser runs: Milvus Lite's parser recurses per parenthesis (it fails
+# near 130 levels) and takes ~0.35 ms per and/or term.
+MAX_FILTER_BYTES = 65536
+# Parentheses and brackets enclosing a term, plus the `not`s applying to it.
+MAX_FILTER_DEPTH = 32
+# `and`, `or`, `&&`, `||` in one filter (use `id in [...]` for long lists).
+MAX_FILTER_BOOLEAN_OPERATORS = 256
 
 # --- store -------------------------------------------------------------------------------
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")

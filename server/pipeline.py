@@ -5,16 +5,22 @@ preprocessor) and hands tensors to an `InferenceBackend`, which only runs the to
 `OnnxEncoder` in production, `FakeBackend` (deterministic vectors) in fast tests.
 
 Images are decoded and resized in a thread pool, so decoding overlaps the inference of
-earlier batches; texts are tokenized inline (the Rust tokenizer takes microseconds). Both
-then go through their tower's Batcher. Each call reports where its time went.
+earlier batches. Texts are checked against `max_text_bytes`, then tokenized in a pool of
+their own, never on the event loop: BPE on a text at the cap takes tens of milliseconds
+(the Rust tokenizer releases the GIL), and a long text must not hold up other calls. A
+request's texts go in chunks of about TOKENIZE_CHUNK_CHARS, one after another, so a large
+request shares the pool with small ones instead of queueing all its work ahead of theirs.
+Both then go through their tower's Batcher, which sees a text only once it is tokenized.
+Each call reports where its time went.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +30,7 @@ import numpy as np
 from clipsearch.server.batcher import Batcher, BatchResult, Priority
 from clipsearch.server.errors import ImageError
 from clipsearch.server.images import ImageLimits, ImagePreprocessor
+from clipsearch.server.store.validation import check_text_bytes
 from clipsearch.server.text import TextTokenizer, TokenizedText
 
 if TYPE_CHECKING:
@@ -47,6 +54,24 @@ class InferenceBackend(Protocol):
     def run_vision(self, pixel_values: np.ndarray) -> np.ndarray:
         """Preprocessed images [batch, 3, S, S] (`ImagePreprocessor`'s output, stacked)."""
         ...
+
+
+TOKENIZE_CHUNK_CHARS = 16384
+DEFAULT_MAX_TEXT_BYTES = 16384
+
+
+def _chunks(texts: Sequence[str], chars: int = TOKENIZE_CHUNK_CHARS) -> Iterator[list[str]]:
+    """`texts` in order, in runs of about `chars` characters (at least one text each)."""
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        if chunk and size + len(text) > chars:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(text)
+        size += len(text)
+    if chunk:
+        yield chunk
 
 
 @dataclass(frozen=True)
@@ -101,8 +126,10 @@ class EncodingPipeline:
         workers: int = 1,
         bulk_max_wait_ms: float = 500.0,
         preprocess_threads: int = 0,
+        max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     ) -> None:
         self.backend = backend
+        self.max_text_bytes = max_text_bytes
         self.tokenizer = tokenizer
         self.preprocessor = preprocessor
         self.dim = backend.dim
@@ -126,6 +153,9 @@ class EncodingPipeline:
         )
         threads = preprocess_threads or min(8, os.cpu_count() or 1)
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
+        self._tokenize_pool = ThreadPoolExecutor(
+            min(4, os.cpu_count() or 1), thread_name_prefix="tokenize"
+        )
 
     @classmethod
     def from_settings(
@@ -147,6 +177,7 @@ class EncodingPipeline:
             workers=settings.inference_workers,
             bulk_max_wait_ms=settings.bulk_max_wait_ms,
             preprocess_threads=settings.preprocess_threads,
+            max_text_bytes=settings.max_text_bytes,
         )
 
     async def start(self) -> None:
@@ -157,6 +188,7 @@ class EncodingPipeline:
         await self.text_batcher.close()
         await self.vision_batcher.close()
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- batch functions (worker threads) ------------------------------------------------
 
@@ -168,6 +200,15 @@ class EncodingPipeline:
 
     # --- texts ---------------------------------------------------------------------------
 
+    def check_texts(self, texts: Sequence[str], names: Sequence[str] = ()) -> None:
+        """Every text within `max_text_bytes`; `names` (default "text i", or "the text"
+        for one) name them in the error."""
+        for index, text in enumerate(texts):
+            if len(text) * 4 <= self.max_text_bytes:
+                continue
+            what = names[index] if names else f"text {index}" if len(texts) > 1 else "the text"
+            check_text_bytes(text, self.max_text_bytes, what, "max_text_bytes")
+
     async def encode_texts(
         self,
         texts: Sequence[str],
@@ -175,7 +216,12 @@ class EncodingPipeline:
         deadline: float | None = None,
     ) -> Encoded:
         started = time.perf_counter()
-        tokens = self.tokenizer.tokenize(texts)
+        self.check_texts(texts)
+        loop = asyncio.get_running_loop()
+        tokens: list[TokenizedText] = []
+        for chunk in _chunks(texts):
+            tokenize = functools.partial(self.tokenizer.tokenize, chunk)
+            tokens += await loop.run_in_executor(self._tokenize_pool, tokenize)
         preprocess_us = int((time.perf_counter() - started) * 1e6)
         results = await self.text_batcher.submit(tokens, priority, deadline)
         vectors, timing = _collect(results, self.dim)

@@ -21,7 +21,8 @@ from clipsearch.server.errors import InvalidInput, NotFound
 from clipsearch.server.limits import MAX_TOP_K
 from clipsearch.server.pipeline import EncodingPipeline, StageTiming
 from clipsearch.server.store import StoreHit, Target, validation
-from clipsearch.server.store.indexing import check_window
+from clipsearch.server.store.expressions import check_filter
+from clipsearch.server.store.indexing import check_search_params, check_window
 from clipsearch.server.vectors import l2_normalize
 
 RRF_K = 60
@@ -70,6 +71,9 @@ class SearchQuery:
             raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         check_window(self.top_k, self.offset)
         validation.output_fields(self.output_fields)
+        # Before the query is encoded: a bad filter or param costs no inference.
+        check_filter(self.filter)
+        check_search_params(self.params)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class Searcher:
 
     async def search(self, query: SearchQuery, deadline: float | None = None) -> SearchOutcome:
         query.validate()
+        if query.text is not None:
+            self.pipeline.check_texts([query.text], ["the query text"])
         vector, truncated, encoding, total_us = await self._query_vector(query, deadline)
         common: dict[str, Any] = {
             "filter": query.filter,

@@ -185,6 +185,12 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         started = time.perf_counter()
         if not request.inputs:
             raise InvalidInput("no inputs: send texts and/or images")
+        limit = self.settings.inputs_per_request
+        if len(request.inputs) > limit:
+            raise InvalidInput(
+                f"{len(request.inputs)} inputs in one request, at most {limit} allowed "
+                "(setting max_inputs_per_request): split them over several requests"
+            )
         texts: list[tuple[int, str]] = []
         images: list[tuple[int, bytes]] = []
         for index, item in enumerate(request.inputs):
@@ -197,6 +203,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                 images.append((index, item.image))
             else:
                 raise InvalidInput(f"input {index} has neither text nor image")
+        rt.pipeline.check_texts([t for _, t in texts], [f"input {i}" for i, _ in texts])
         groups: list[tuple[list[int], Awaitable[Encoded]]] = []
         if texts:
             groups.append(
@@ -232,7 +239,9 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
     ) -> AsyncIterator[pb.EncodeResponse]:
         rt = self._ready()
         deadline = deadline_of(context)
-        pending: asyncio.Queue[asyncio.Task[pb.EncodeResponse] | None] = asyncio.Queue(
+        # Answers in request order; None ends the stream, an exception (a broken or
+        # undecodable request stream) ends it with that error after the answers before it.
+        pending: asyncio.Queue[asyncio.Task[pb.EncodeResponse] | Exception | None] = asyncio.Queue(
             ENCODE_STREAM_WINDOW
         )
 
@@ -246,20 +255,26 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                 )
 
         async def read() -> None:
-            async for request in request_iterator:
-                await pending.put(asyncio.create_task(answer(request)))
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.create_task(answer(request)))
+            except Exception as exc:
+                await pending.put(exc)
+                return
             await pending.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (task := await pending.get()) is not None:
+                if isinstance(task, Exception):
+                    raise task
                 yield await task
             await reader
         finally:
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if leftover is not None:
+                if isinstance(leftover, asyncio.Task):
                     leftover.cancel()
 
     # --- search --------------------------------------------------------------------------

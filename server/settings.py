@@ -91,6 +91,14 @@ class Settings:
         500.0, "bulk (ingest) items older than this are served like interactive ones"
     )
 
+    # --- request limits
+    max_text_bytes: int = _setting(
+        16384, "largest text accepted (Encode, text Search, captions), UTF-8 bytes"
+    )
+    max_inputs_per_request: int = _setting(
+        1024, "most texts and images in one Encode request (a smaller max_queue lowers it)"
+    )
+
     # --- images
     max_image_bytes: int = _setting(20 * 1024 * 1024, "largest encoded image accepted, bytes")
     max_image_pixels: int = _setting(50_000_000, "largest image accepted, width x height")
@@ -126,6 +134,7 @@ class Settings:
         positive = (
             "max_message_mb", "max_batch_size", "max_queue", "inference_workers",
             "max_image_bytes", "max_image_pixels", "ingest_window", "ingest_write_batch",
+            "max_text_bytes", "max_inputs_per_request",
         )  # fmt: skip
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
@@ -156,6 +165,11 @@ class Settings:
     @property
     def providers(self) -> tuple[str, ...]:
         return tuple(p.strip().lower() for p in self.device.split(",") if p.strip())
+
+    @property
+    def inputs_per_request(self) -> int:
+        """The Encode maximum in force: a request larger than the queue could never fit."""
+        return min(self.max_inputs_per_request, self.max_queue)
 
     @property
     def uses_milvus_lite(self) -> bool:

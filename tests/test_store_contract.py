@@ -342,6 +342,17 @@ def test_exclude_ids_and_output_fields(gallery: Gallery) -> None:
         gallery.store.search(gallery.name, query, Target.IMAGE, 1, output_fields=["vector"])
 
 
+def test_range_search_keeps_scores_between_radius_and_range_filter(gallery: Gallery) -> None:
+    query = gallery.images[5]
+    scores = {i: float(gallery.images[n] @ query) for n, i in enumerate(gallery.ids)}
+    ranked = gallery.expected(query, Target.IMAGE)
+    params = {"radius": 0.1, "range_filter": 0.9}
+    hits = gallery.store.search(gallery.name, query, Target.IMAGE, 50, params=params)
+    expected = [i for i in ranked if 0.1 < scores[i] <= 0.9]
+    assert 0 < len(expected) < SIZE - 1 and "img-005" not in expected
+    assert [hit.id for hit in hits] == expected[:50]
+
+
 @pytest.mark.parametrize(
     ("top_k", "offset", "params", "message"),
     [
@@ -350,6 +361,8 @@ def test_exclude_ids_and_output_fields(gallery: Gallery) -> None:
         (10_000, 10_000, None, "at most 16384"),
         (5, 0, {"ef": -3}, "positive integer"),
         (5, 0, {"nprobe": float("nan")}, "finite"),
+        (5, 0, {"ef": 2e8}, "between 1 and 16384"),
+        (5, 0, {"search_k": 10}, "unknown search param"),
     ],
 )
 def test_bad_search_windows_and_params_are_invalid_input(

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipsearch.server.errors import ConfigurationError, InvalidInput
-from clipsearch.server.limits import INDEX_TYPES, MAX_RESULT_WINDOW, METRICS
+from clipsearch.server.limits import (
+    INDEX_TYPES,
+    INTEGER_SEARCH_PARAMS,
+    MAX_RESULT_WINDOW,
+    METRICS,
+    SEARCH_PARAM_BOUNDS,
+)
 
 DEFAULT_BUILD_PARAMS: dict[str, dict[str, int]] = {
     "FLAT": {},
@@ -23,8 +29,6 @@ DEFAULT_SEARCH_PARAMS: dict[str, dict[str, int]] = {
     "HNSW": {"ef": 64},
     "AUTOINDEX": {},
 }
-# Search params Milvus reads as integers; any other param is passed on as a float.
-INTEGER_PARAMS = frozenset({"ef", "nprobe", "level", "search_k", "max_empty_result_buckets"})
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class IndexConfig:
             },
             search_params={
                 **DEFAULT_SEARCH_PARAMS.get(index_type, {}),
-                **_json_object(search_params_json, "search_params"),
+                **_checked_defaults(_json_object(search_params_json, "search_params")),
             },
         )
 
@@ -87,6 +91,43 @@ def _json_object(text: str, setting: str) -> dict[str, Any]:
     return value
 
 
+def _checked_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return check_search_params(params)
+    except InvalidInput as exc:
+        raise ConfigurationError(f"search_params: {exc}") from None
+
+
+def check_search_params(params: Mapping[str, float] | None) -> dict[str, float]:
+    """A caller's search params: known names (`limits.SEARCH_PARAM_BOUNDS`), finite numbers
+    within their bounds, integers where Milvus wants them. Raises InvalidInput."""
+    checked: dict[str, float] = {}
+    for key, given in (params or {}).items():
+        value = given
+        bounds = SEARCH_PARAM_BOUNDS.get(key)
+        if bounds is None:
+            raise InvalidInput(
+                f"unknown search param {str(key)[:40]!r}: use {', '.join(SEARCH_PARAM_BOUNDS)}"
+            )
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
+            raise InvalidInput(f"search param {key!r} must be a finite number, got {value!r}")
+        low, high = bounds
+        if key in INTEGER_SEARCH_PARAMS:
+            if value != int(value) or value < 1:
+                raise InvalidInput(f"search param {key!r} must be a positive integer, got {value}")
+            value = int(value)
+        if not low <= value <= high:
+            raise InvalidInput(
+                f"search param {key!r} must be between {low:g} and {high:g}, got {value:g}"
+            )
+        checked[key] = value
+    return checked
+
+
 def search_params(
     config: IndexConfig, top_k: int, offset: int, overrides: Mapping[str, float] | None
 ) -> dict[str, Any]:
@@ -94,20 +135,7 @@ def search_params(
 
     HNSW's ef is raised to at least top_k + offset, which Milvus requires (a smaller ef
     would be refused, not just less accurate)."""
-    params: dict[str, Any] = dict(config.search_params)
-    for key, value in (overrides or {}).items():
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
-            raise InvalidInput(f"search param {key!r} must be a finite number, got {value!r}")
-        params[key] = value
-    for key, value in params.items():
-        if key in INTEGER_PARAMS:
-            if value != int(value) or value < 1:
-                raise InvalidInput(f"search param {key!r} must be a positive integer, got {value}")
-            params[key] = int(value)
+    params: dict[str, Any] = {**config.search_params, **check_search_params(overrides)}
     if config.index_type == "HNSW":
         params["ef"] = max(int(params.get("ef", 0)), top_k + offset)
     return params

@@ -154,7 +154,9 @@ class InMemoryStore:
             fields = validation.output_fields(output_fields)
             excluded = set(_unique_ids(exclude_ids))
             predicate = compile_filter(filter)
-            search_params(_EXACT, top_k, offset, params)  # refuse what Milvus would refuse
+            # Refuse what Milvus would refuse; a range search keeps radius < score <= range_filter.
+            checked = search_params(_EXACT, top_k, offset, params)
+            low, high = checked.get("radius", -np.inf), checked.get("range_filter", np.inf)
             candidates: list[tuple[StoredItem, np.ndarray]] = []
             for item in collection.items.values():
                 stored = _vector_of(item, target)
@@ -164,7 +166,8 @@ class InMemoryStore:
             if not candidates:
                 return []
             scores = np.stack([stored for _, stored in candidates]) @ query
-            order = np.argsort(-scores, kind="stable")[offset : offset + top_k]
+            order = np.argsort(-scores, kind="stable")
+            order = order[(scores[order] > low) & (scores[order] <= high)][offset : offset + top_k]
             return [_hit(candidates[i][0], float(scores[i]), fields) for i in order]
 
     def close(self) -> None:

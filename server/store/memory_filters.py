@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipsearch.server.errors import InvalidFilter
+from clipsearch.server.store.expressions import check_filter
 
 # A row's fields: id, uri, caption (str) and metadata (a JSON object).
 Row = Mapping[str, Any]
@@ -71,7 +72,7 @@ class _Token:
 
 def compile_filter(expression: str) -> Predicate:
     """`expression` as a predicate on rows; the empty expression matches every row."""
-    if not expression.strip():
+    if not check_filter(expression).strip():
         return lambda row: True
     return _Parser(expression).parse()
 

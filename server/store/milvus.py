@@ -359,6 +359,7 @@ class MilvusStore:
         return len(existing)
 
     def count(self, name: str, filter: str = "") -> int:
+        expressions.check_filter(filter)
         collection = self._collection(name)
 
         def count_at(level: str) -> list[dict[str, Any]]:
@@ -389,7 +390,9 @@ class MilvusStore:
         collection = self._collection(name)
         query = validation.unit_vector(vector, collection.dim, "query vector")
         fields = validation.output_fields(output_fields)
-        expression = expressions.all_of(filter, expressions.excluding(_unique_ids(exclude_ids)))
+        expression = expressions.all_of(
+            expressions.check_filter(filter), expressions.excluding(_unique_ids(exclude_ids))
+        )
         if target is Target.IMAGE:
             searched, anns_field = collection.name, IMAGE_VECTOR
         else:

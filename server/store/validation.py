@@ -88,11 +88,27 @@ def check_text(value: str, what: str, limit: int, item_id: str) -> None:
     feed and carriage return."""
     if not isinstance(value, str):
         raise InvalidInput(f"item {item_id!r}: {what} must be a string")
-    size = _utf8_size(value, f"item {item_id!r}: {what}")
-    if size > limit:
-        raise InvalidInput(f"item {item_id!r}: {what} is {size} bytes, at most {limit} allowed")
+    check_text_bytes(value, limit, f"item {item_id!r}: {what}")
     if _TEXT_CONTROL.search(value):
         raise InvalidInput(f"item {item_id!r}: {what} contains a control character")
+
+
+def check_text_bytes(value: str, limit: int, what: str, setting: str = "") -> None:
+    """The one size rule for text: at most `limit` UTF-8 bytes (`setting`: the setting that
+    sets `limit`, named in the message). Encodes only where the length cannot decide."""
+    if len(value) * 4 <= limit:  # a character is at most 4 bytes
+        return
+    named = f" (setting {setting})" if setting else ""
+    if value.isascii():  # O(1) in CPython
+        size = len(value)
+    elif len(value) > limit:
+        raise InvalidInput(
+            f"{what} is {len(value)} characters, more than {limit} bytes allowed{named}"
+        )
+    else:
+        size = _utf8_size(value, what)
+    if size > limit:
+        raise InvalidInput(f"{what} is {size} bytes, at most {limit} allowed{named}")
 
 
 def parse_metadata(raw: str, item_id: str) -> dict[str, Any]:
