@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from grpc import aio
@@ -30,15 +30,25 @@ from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
 from clipsearch.server.errors import ConfigurationError
 from clipsearch.server.fake import FakeBackend
 from clipsearch.server.ingest import CollectionWriters
-from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor, Interceptor
+from clipsearch.server.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    Interceptor,
+    TelemetryInterceptor,
+)
+from clipsearch.server.metrics import MetricsEndpoint, ServerMetrics
 from clipsearch.server.pipeline import EncodingPipeline, InferenceBackend
 from clipsearch.server.search import Searcher
-from clipsearch.server.service import ClipSearchService, Runtime
+from clipsearch.server.service import ClipSearchService, Runtime, observation
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import MilvusStore, VectorStore
 from clipsearch.server.store.memory import InMemoryStore
+from clipsearch.server.telemetry import Telemetry
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from clipsearch.server.tracing import RpcTracer
 
 log = logging.getLogger("clipsearch.server")
 
@@ -108,6 +118,9 @@ class Components:
 
     encoder: Callable[[Settings], ServingBackend]
     store: Callable[[Settings], VectorStore]
+    # With --otel: an OpenTelemetry TracerProvider (tests: one with an in-memory exporter);
+    # None: the process's configured provider, else OTLP (`tracing.default_provider`).
+    tracer_provider: Any = None
 
 
 def default_components() -> Components:
@@ -144,9 +157,18 @@ class ClipSearchServer:
         self.startup_error: BaseException | None = None
         self._ready = asyncio.Event()
         self._warm_task: asyncio.Task[None] | None = None
+        self.metrics = ServerMetrics() if settings.metrics_port else None
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._loop_watch: asyncio.Task[None] | None = None
+        self._owned_provider: Any = None
+        tracer = self._tracer(settings)
+        self.telemetry: Telemetry | None = None
         interceptors: list[Interceptor] = [ErrorInterceptor()]
         if settings.auth_token:
             interceptors.insert(0, AuthInterceptor(settings.auth_token))
+        if self.metrics is not None or tracer is not None:
+            self.telemetry = Telemetry(observation, self.metrics, tracer)
+            interceptors.insert(0, TelemetryInterceptor(self.telemetry))
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.grpc_server = aio.server(
             interceptors=interceptors,
@@ -159,6 +181,22 @@ class ClipSearchServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
+
+    def _tracer(self, settings: Settings) -> RpcTracer | None:
+        if not settings.otel:
+            return None
+        try:  # OpenTelemetry is an optional extra: imported only when asked for
+            from clipsearch.server.tracing import RpcTracer, default_provider  # noqa: PLC0415
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"--otel needs OpenTelemetry ({exc.name} is missing): "
+                "pip install 'clipsearch[otel]'"
+            ) from None
+        provider = self.components.tracer_provider
+        if provider is None:
+            provider, owned = default_provider()
+            self._owned_provider = provider if owned else None
+        return RpcTracer(provider)
 
     @property
     def address(self) -> str:
@@ -178,6 +216,14 @@ class ClipSearchServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
         await self.grpc_server.start()
+        if self.metrics is not None:
+            self.metrics_endpoint = self.metrics.serve(
+                self.settings.host, self.settings.metrics_port
+            )
+            self._loop_watch = asyncio.create_task(self.metrics.watch_event_loop())
+            log.info(
+                "metrics on http://%s:%d/metrics", self.settings.host, self.metrics_endpoint.port
+            )
         log.info("listening on %s; loading the model", self.address)
         self._warm_task = asyncio.create_task(self._warm_up())
         return self.port
@@ -194,6 +240,7 @@ class ClipSearchServer:
                 )
             store = AsyncStore(await asyncio.to_thread(self.components.store, settings))
             pipeline = EncodingPipeline.from_settings(backend, bundle, settings)
+            self._observe(bundle.manifest, backend, pipeline, store)
             await pipeline.start()
             self.service.runtime = Runtime(
                 settings=settings,
@@ -227,6 +274,28 @@ class ClipSearchServer:
         )
         self._ready.set()
 
+    def _observe(
+        self,
+        manifest: Manifest,
+        backend: ServingBackend,
+        pipeline: EncodingPipeline,
+        store: AsyncStore,
+    ) -> None:
+        if self.telemetry is not None:
+            self.telemetry.model = manifest.name
+        if self.metrics is None:
+            return
+        self.metrics.watch_towers(pipeline.batchers, manifest.name)
+        self.metrics.watch_store(store)
+        self.metrics.set_model(
+            manifest.name,
+            manifest.family,
+            {
+                "text": (backend.precision, backend.text_providers),
+                "vision": (backend.precision, backend.vision_providers),
+            },
+        )
+
     async def wait_ready(self) -> None:
         """Wait until SERVING; raises the start-up error if warming up failed."""
         await self._ready.wait()
@@ -245,6 +314,14 @@ class ClipSearchServer:
             await runtime.writers.close()
             await runtime.pipeline.close()
             await runtime.store.close()
+        if self._loop_watch is not None:
+            self._loop_watch.cancel()
+            await asyncio.gather(self._loop_watch, return_exceptions=True)
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.close)
+            self.metrics_endpoint = None
+        if self._owned_provider is not None:  # flush the spans still batched
+            await asyncio.to_thread(self._owned_provider.shutdown)
         log.info("stopped")
 
 
@@ -268,7 +345,11 @@ def quiet_dependencies() -> None:
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> int:
     """Run until SIGINT/SIGTERM; returns the process exit code."""
-    server = ClipSearchServer(settings)
+    try:
+        server = ClipSearchServer(settings)
+    except ConfigurationError as exc:
+        log.error("%s", exc)
+        return 2
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,11 +17,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from clipsearch.server.batcher import Batcher, BatchResult, Priority
+from clipsearch.server.batcher import Batcher, BatchResult, MicroBatcher, Priority
 from clipsearch.server.errors import ImageError
 from clipsearch.server.images import ImageLimits, ImagePreprocessor
 from clipsearch.server.text import TextTokenizer, TokenizedText
@@ -101,6 +101,7 @@ class EncodingPipeline:
         workers: int = 1,
         bulk_max_wait_ms: float = 500.0,
         preprocess_threads: int = 0,
+        prioritize: bool = True,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -114,6 +115,7 @@ class EncodingPipeline:
             max_queue=max_queue,
             workers=workers,
             bulk_max_wait_ms=bulk_max_wait_ms,
+            prioritize=prioritize,
         )
         self.vision_batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             "vision",
@@ -123,6 +125,7 @@ class EncodingPipeline:
             max_queue=max_queue,
             workers=workers,
             bulk_max_wait_ms=bulk_max_wait_ms,
+            prioritize=prioritize,
         )
         threads = preprocess_threads or min(8, os.cpu_count() or 1)
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
@@ -147,7 +150,13 @@ class EncodingPipeline:
             workers=settings.inference_workers,
             bulk_max_wait_ms=settings.bulk_max_wait_ms,
             preprocess_threads=settings.preprocess_threads,
+            prioritize=settings.priority_queue,
         )
+
+    @property
+    def batchers(self) -> dict[str, MicroBatcher[Any, np.ndarray]]:
+        """The tower batchers by tower name."""
+        return {"text": self.text_batcher, "vision": self.vision_batcher}
 
     async def start(self) -> None:
         await self.text_batcher.start()
