@@ -185,9 +185,8 @@ def test_two_servers_in_one_process_keep_their_own_figures(tmp_path: Path) -> No
         ThreadedServer(first, fake_components()) as a,
         ThreadedServer(second, fake_components()) as b,
     ):
-        with Client(a.address) as anonymous:
-            with pytest.raises(Unauthenticated):
-                anonymous.count(collection="x")
+        with Client(a.address) as anonymous, pytest.raises(Unauthenticated):
+            anonymous.count(collection="x")
         with Client(a.address, token="secret") as client:
             client.encode_texts(["x"])
         with Client(b.address) as client:

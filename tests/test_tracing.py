@@ -140,12 +140,10 @@ def test_ingest_has_a_store_write_span_per_item(
     server: ThreadedServer, provider: TracerProvider, spans: InMemorySpanExporter
 ) -> None:
     images = [encode(pattern((40 + k, 40), seed=k), "JPEG", quality=90) for k in range(3)]
-    with Client(server.address) as client:
-        with provider.get_tracer("test").start_as_current_span("bulk-load") as caller:
-            summary = client.ingest(
-                [IngestItem(id=f"t{k}", image=image) for k, image in enumerate(images)],
-                collection="traced",
-            ).run()
+    items = [IngestItem(id=f"t{k}", image=image) for k, image in enumerate(images)]
+    tracer = provider.get_tracer("test")
+    with Client(server.address) as client, tracer.start_as_current_span("bulk-load") as caller:
+        summary = client.ingest(items, collection="traced").run()
     assert summary.ok == 3
     (span,) = named(spans, INGEST)
     assert span.parent is not None and span.parent.span_id == caller.get_span_context().span_id
