@@ -27,6 +27,7 @@ from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.batcher import MicroBatcher, Priority
 from clipsearch.server.errors import ConfigurationError, DeadlineExceeded
 from clipsearch.server.metrics import ServerMetrics
+from clipsearch.server.security import ListenError
 from clipsearch.server.settings import Settings
 from clipsearch.server.store.memory import InMemoryStore
 
@@ -176,6 +177,19 @@ def test_metrics_are_off_by_default_and_validated(tmp_path: Path) -> None:
         Settings(port=7000, metrics_port=7000)
     with pytest.raises(ConfigurationError, match="metrics_port must be >= 0"):
         Settings(metrics_port=-1)
+
+
+def test_a_taken_metrics_port_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ThreadedServer(quick_settings(tmp_path / "x.db", metrics_port=port))
+        try:
+            with pytest.raises(ListenError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                server.start()
+        finally:
+            server.close()
 
 
 def test_two_servers_in_one_process_keep_their_own_figures(tmp_path: Path) -> None:
