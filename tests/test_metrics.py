@@ -170,7 +170,7 @@ def test_info_stats_on_the_command_line(
     assert int(text[3]) >= stats["text"].batches and int(text[4]) >= stats["text"].items
 
 
-def test_metrics_are_off_by_default_and_validated(tmp_path: Path) -> None:
+async def test_metrics_are_off_by_default_and_validated(tmp_path: Path) -> None:
     server = ClipSearchServer(quick_settings(tmp_path / "x.db"), fake_components())
     assert server.metrics is None and server.telemetry is None
     with pytest.raises(ConfigurationError, match="metrics_port=7000 is the gRPC port"):

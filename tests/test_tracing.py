@@ -188,13 +188,16 @@ from clipsearch.client.base import trace_context
 from clipsearch.server.app import ClipSearchServer, fake_components
 from clipsearch.server.errors import ConfigurationError
 from clipsearch.server.settings import Settings
-settings = Settings(port=0, milvus_uri={str(tmp_path / "x.db")!r}, metrics_port=0)
-server = ClipSearchServer(settings, fake_components())
-assert server.telemetry is None and trace_context() == ()
-try:
-    ClipSearchServer(settings.replace(otel=True), fake_components())
-except ConfigurationError as exc:
-    print(exc)
+import asyncio
+async def main():
+    settings = Settings(port=0, milvus_uri={str(tmp_path / "x.db")!r}, metrics_port=0)
+    server = ClipSearchServer(settings, fake_components())
+    assert server.telemetry is None and trace_context() == ()
+    try:
+        ClipSearchServer(settings.replace(otel=True), fake_components())
+    except ConfigurationError as exc:
+        print(exc)
+asyncio.run(main())
 """
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
