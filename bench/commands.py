@@ -87,6 +87,37 @@ def register(commands: Any) -> None:
     latency.add_argument("--milvus-uri", default="", help="Milvus (default: Lite in a temp dir)")
     latency.set_defaults(handler=_run_latency)
     _register_load(kinds)
+    _register_figures(kinds)
+
+
+def _register_figures(kinds: Any) -> None:
+    figures: argparse.ArgumentParser = kinds.add_parser(
+        "figures",
+        help="the service's figures of docs/BENCHMARKS.md in one run (a few minutes)",
+        description=(
+            "Starts 'clipsearch serve' processes (the demo model unless --model, Milvus Lite in "
+            "a temp dir) and drives them with the 'bench load' engine: served image encoding "
+            "vs the raw ONNX Runtime session at its best batch; dynamic batching on vs off at "
+            "concurrency 32 and its p50 cost at concurrency 1; text search p50 vs encode p50 + "
+            "native pymilvus search p50 (the service's overhead); image search p99 during a "
+            "bulk ingest with the priority queue on and off. Records the load average."
+        ),
+    )
+    figures.add_argument("--json", action="store_true", help="print the results as JSON")
+    figures.add_argument(
+        "--seconds", type=float, default=4.0, help="measured seconds per load step (default: 4)"
+    )
+    figures.add_argument("--model", default="", help="model bundle (default: the demo model)")
+    figures.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="side of the generated JPEGs (default: the model's input size)",
+    )
+    figures.add_argument(
+        "--gallery", type=int, default=300, help="images in the search collection (default: 300)"
+    )
+    figures.set_defaults(handler=_run_figures)
 
 
 def _register_load(kinds: Any) -> None:
@@ -179,6 +210,13 @@ def _run_encoder(args: argparse.Namespace) -> int:
 def _run_latency(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.bench.latency import main
+
+    return main(args)
+
+
+def _run_figures(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.figures import main
 
     return main(args)
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from clipsearch.client.profile import Profile
     from clipsearch.client.sources import ItemSource, SourceError, open_source
     from clipsearch.client.types import (
+        BatcherStats,
         CollectionInfo,
         EncodeResult,
         Hit,
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "AsyncIngestStream": "clipsearch.client.ingest",
     "Backoff": "clipsearch.client.ingest",
     "Cancelled": "clipsearch.client.errors",
+    "BatcherStats": "clipsearch.client.types",
     "Client": "clipsearch.client.client",
     "ClipsearchError": "clipsearch.client.errors",
     "CollectionInfo": "clipsearch.client.types",
@@ -99,6 +101,7 @@ __all__ = [
     "AsyncClient",
     "AsyncIngestStream",
     "Backoff",
+    "BatcherStats",
     "Cancelled",
     "Client",
     "ClipsearchError",

@@ -12,12 +12,18 @@ is all the faces add, besides the two streaming calls.
 `unary` is where every unary call gets its deadline and its error mapping, and where its
 response is converted. A failed step is thrown back into the plan, so a plan handles errors
 with plain `try`/`except` (see `wait_until_ready`).
+
+Every call's metadata (`ClientBase._metadata`) carries the caller's OpenTelemetry trace
+context (W3C `traceparent`) when a span is active, so the server's span joins the caller's
+trace. OpenTelemetry is not a dependency of the client: an application that traces has
+imported it already, and one that has not cannot have an active span.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Generator, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
@@ -65,8 +71,13 @@ class ClientBase:
             retry=retry,
             extra_options=tuple(options),
         )
-        self._metadata = call_metadata(token)
+        self._static_metadata = call_metadata(token)
         self._connect()
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call starting now: the token, and the current trace context."""
+        return self._static_metadata + trace_context()
 
     def _connect(self) -> None:
         """Open the face's channel and stub."""
@@ -78,6 +89,21 @@ class ClientBase:
     def _deadline(self, timeout: float | None) -> float:
         """The per-call timeout: the call's own, else the client's default."""
         return self.timeout if timeout is None else timeout
+
+
+def trace_context() -> tuple[tuple[str, str], ...]:
+    """The active OpenTelemetry span's context as gRPC metadata (`traceparent`, and
+    `tracestate`/`baggage` where set), through the globally configured propagator; empty
+    when OpenTelemetry was never imported or no span is active."""
+    if "opentelemetry.trace" not in sys.modules:
+        return ()
+    from opentelemetry import propagate, trace  # noqa: PLC0415  # loaded already
+
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
 
 
 # --- steps: what a plan waits for --------------------------------------------------------

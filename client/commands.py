@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from clipsearch.client.channel import TlsConfig
     from clipsearch.client.client import Client
-    from clipsearch.client.types import Hit, IngestSummary, SearchResult
+    from clipsearch.client.types import Hit, IngestSummary, SearchResult, ServerInfo
 
 DEFAULT_SERVER = DEFAULT_ADDRESS
 EXIT_CALL_FAILED = 1
@@ -638,6 +638,11 @@ def _register_info(commands: Any, common: argparse.ArgumentParser) -> None:
         description="Print what the server serves: model, dimension, precision, providers, "
         "store and versions.",
     )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="also the batchers' live figures: queue depth, batches, mean batch size, drops",
+    )
     _add_json(p)
     p.set_defaults(handler=_with_client(_run_info))
 
@@ -666,4 +671,37 @@ def _run_info(args: argparse.Namespace, client: Client) -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if args.stats:
+        print()
+        print(_batcher_table(info))
     return 0
+
+
+def _batcher_table(info: ServerInfo) -> str:
+    header = (
+        "batcher", "queued", "(bulk)", "batches", "items", "mean batch", "cancelled",
+        "expired", "failed", "rejected",
+    )  # fmt: skip
+    rows = [header] + [
+        (
+            b.name,
+            str(b.queued_interactive + b.queued_bulk),
+            str(b.queued_bulk),
+            str(b.batches),
+            str(b.items),
+            f"{b.mean_batch_size:.2f}",
+            str(b.dropped_cancelled),
+            str(b.dropped_expired),
+            str(b.failed_batches),
+            str(b.rejected_overload),
+        )
+        for b in info.batchers
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )

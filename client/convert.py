@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from clipsearch.client.errors import InvalidArgument, error_for, status_code
 from clipsearch.client.types import (
+    BatcherStats,
     CollectionInfo,
     EncodeResult,
     Hit,
@@ -146,6 +147,21 @@ def tower_info(tower: pb.TowerInfo) -> TowerInfo:
     return TowerInfo(tower.precision, tuple(tower.providers), tower.max_batch_size)
 
 
+def batcher_stats(stats: pb.BatcherStats) -> BatcherStats:
+    return BatcherStats(
+        name=stats.name,
+        queued_interactive=stats.queued_interactive,
+        queued_bulk=stats.queued_bulk,
+        batches=stats.batches,
+        items=stats.items,
+        mean_batch_size=stats.mean_batch_size,
+        dropped_cancelled=stats.dropped_cancelled,
+        dropped_expired=stats.dropped_expired,
+        failed_batches=stats.failed_batches,
+        rejected_overload=stats.rejected_overload,
+    )
+
+
 def server_info(response: pb.InfoResponse) -> ServerInfo:
     return ServerInfo(
         model_name=response.model_name,
@@ -161,6 +177,7 @@ def server_info(response: pb.InfoResponse) -> ServerInfo:
         versions=dict(response.versions),
         store=response.store,
         timing=timing_from_pb(response.timing),
+        batchers=tuple(batcher_stats(b) for b in response.batchers),
     )
 
 

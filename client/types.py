@@ -87,6 +87,23 @@ class TowerInfo:
 
 
 @dataclass(frozen=True)
+class BatcherStats:
+    """A tower batcher's live figures (`ServerInfo.batchers`): counts since the server
+    started, and its queues at the time of the call."""
+
+    name: str  # text | vision
+    queued_interactive: int  # search and encode items waiting
+    queued_bulk: int  # ingest items waiting
+    batches: int
+    items: int
+    mean_batch_size: float
+    dropped_cancelled: int  # dropped before running: the caller went away
+    dropped_expired: int  # dropped before running: the deadline passed
+    failed_batches: int
+    rejected_overload: int  # submissions refused with RESOURCE_EXHAUSTED: queue full
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     """The model being served and the versions around it (`Client.info()`)."""
 
@@ -103,6 +120,7 @@ class ServerInfo:
     versions: dict[str, str]
     store: str
     timing: Timing
+    batchers: tuple[BatcherStats, ...] = ()
 
 
 @dataclass(frozen=True)

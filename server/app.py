@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from grpc import aio
@@ -32,7 +32,13 @@ from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
 from clipsearch.server.errors import ConfigurationError, Unavailable
 from clipsearch.server.fake import FakeBackend
 from clipsearch.server.ingest import CollectionWriters
-from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor, Interceptor
+from clipsearch.server.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    Interceptor,
+    TelemetryInterceptor,
+)
+from clipsearch.server.metrics import MetricsEndpoint, ServerMetrics
 from clipsearch.server.pipeline import EncodingPipeline, InferenceBackend
 from clipsearch.server.search import Searcher
 from clipsearch.server.security import (
@@ -42,12 +48,16 @@ from clipsearch.server.security import (
     exposure_warning,
     server_credentials,
 )
-from clipsearch.server.service import ClipSearchService, Runtime
+from clipsearch.server.service import ClipSearchService, Runtime, observation
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import MilvusStore, VectorStore
 from clipsearch.server.store.memory import InMemoryStore
+from clipsearch.server.telemetry import Telemetry
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from clipsearch.server.tracing import RpcTracer
 
 log = logging.getLogger("clipsearch.server")
 
@@ -118,6 +128,9 @@ class Components:
 
     encoder: Callable[[Settings], ServingBackend]
     store: Callable[[Settings], VectorStore]
+    # With --otel: an OpenTelemetry TracerProvider (tests: one with an in-memory exporter);
+    # None: the process's configured provider, else OTLP (`tracing.default_provider`).
+    tracer_provider: Any = None
 
 
 def default_components() -> Components:
@@ -156,9 +169,18 @@ class ClipSearchServer:
         self._warm_task: asyncio.Task[None] | None = None
         self._token = bearer_token(settings)
         self._credentials = server_credentials(settings)
+        self.metrics = ServerMetrics() if settings.metrics_port else None
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._loop_watch: asyncio.Task[None] | None = None
+        self._owned_provider: Any = None
+        tracer = self._tracer(settings)
+        self.telemetry: Telemetry | None = None
         interceptors: list[Interceptor] = [ErrorInterceptor()]
         if self._token:
             interceptors.insert(0, AuthInterceptor(self._token))
+        if self.metrics is not None or tracer is not None:
+            self.telemetry = Telemetry(observation, self.metrics, tracer)
+            interceptors.insert(0, TelemetryInterceptor(self.telemetry))
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.grpc_server = aio.server(
             interceptors=interceptors,
@@ -175,6 +197,22 @@ class ClipSearchServer:
             ],
         )
 
+    def _tracer(self, settings: Settings) -> RpcTracer | None:
+        if not settings.otel:
+            return None
+        try:  # OpenTelemetry is an optional extra: imported only when asked for
+            from clipsearch.server.tracing import RpcTracer, default_provider  # noqa: PLC0415
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"--otel needs OpenTelemetry ({exc.name} is missing): "
+                "pip install 'clipsearch[otel]'"
+            ) from None
+        provider = self.components.tracer_provider
+        if provider is None:
+            provider, owned = default_provider()
+            self._owned_provider = provider if owned else None
+        return RpcTracer(provider)
+
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
@@ -190,6 +228,8 @@ class ClipSearchServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, NOT_SERVING)
         self.port = self._listen()
+        if self.metrics is not None:
+            await self._serve_metrics(self.metrics)
         await self.grpc_server.start()
         log.info(
             "listening on %s%s; loading the model",
@@ -205,6 +245,18 @@ class ClipSearchServer:
             log.warning("%s", warning)
         self._warm_task = asyncio.create_task(self._warm_up())
         return self.port
+
+    async def _serve_metrics(self, metrics: ServerMetrics) -> None:
+        host, port = self.settings.host, self.settings.metrics_port
+        try:
+            self.metrics_endpoint = metrics.serve(host, port)
+        except OSError as exc:
+            await self.grpc_server.stop(0)
+            raise ListenError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        self._loop_watch = asyncio.create_task(metrics.watch_event_loop())
+        log.info("metrics on http://%s:%d/metrics", host, self.metrics_endpoint.port)
 
     def _listen(self) -> int:
         host, port = self.settings.host, self.settings.port
@@ -233,6 +285,7 @@ class ClipSearchServer:
                 )
             store = AsyncStore(await _in_daemon_thread(self.components.store, settings))
             pipeline = EncodingPipeline.from_settings(backend, bundle, settings)
+            self._observe(bundle.manifest, backend, pipeline, store)
             await pipeline.start()
             self.service.runtime = Runtime(
                 settings=settings,
@@ -270,6 +323,28 @@ class ClipSearchServer:
         )
         self._ready.set()
 
+    def _observe(
+        self,
+        manifest: Manifest,
+        backend: ServingBackend,
+        pipeline: EncodingPipeline,
+        store: AsyncStore,
+    ) -> None:
+        if self.telemetry is not None:
+            self.telemetry.model = manifest.name
+        if self.metrics is None:
+            return
+        self.metrics.watch_towers(pipeline.batchers, manifest.name)
+        self.metrics.watch_store(store)
+        self.metrics.set_model(
+            manifest.name,
+            manifest.family,
+            {
+                "text": (backend.precision, backend.text_providers),
+                "vision": (backend.precision, backend.vision_providers),
+            },
+        )
+
     async def wait_ready(self) -> None:
         """Wait until SERVING; raises the start-up error if warming up failed."""
         await self._ready.wait()
@@ -290,6 +365,14 @@ class ClipSearchServer:
             await runtime.writers.close()
             await runtime.pipeline.close()
             await runtime.store.close()
+        if self._loop_watch is not None:
+            self._loop_watch.cancel()
+            await asyncio.gather(self._loop_watch, return_exceptions=True)
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.close)
+            self.metrics_endpoint = None
+        if self._owned_provider is not None:  # flush the spans still batched
+            await asyncio.to_thread(self._owned_provider.shutdown)
         log.info("stopped")
 
 

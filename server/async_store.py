@@ -2,7 +2,8 @@
 
 pymilvus is synchronous: every call runs in a small dedicated thread pool, which also bounds
 how many requests hit Milvus at once. Each call returns its result and the microseconds it
-took, for the Timing of the response.
+took, for the Timing of the response, and tells `on_call` (metrics) of every call: the
+operation, its seconds, and the exception it raised, if any.
 """
 
 from __future__ import annotations
@@ -20,17 +21,33 @@ from clipsearch.server.store import CollectionInfo, StoredItem, StoreHit, Target
 
 T = TypeVar("T")
 
+# operation (the VectorStore method's name), seconds, the exception raised or None.
+StoreHook = Callable[[str, float, BaseException | None], None]
+
 
 class AsyncStore:
     def __init__(self, store: VectorStore, threads: int = 4) -> None:
         self.store = store
+        self.on_call: StoreHook | None = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="store")
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, int]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        result = await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
-        return result, int((time.perf_counter() - started) * 1e6)
+        try:
+            result = await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except BaseException as exc:
+            self._observe(fn, time.perf_counter() - started, exc)
+            raise
+        seconds = time.perf_counter() - started
+        self._observe(fn, seconds, None)
+        return result, int(seconds * 1e6)
+
+    def _observe(
+        self, fn: Callable[..., object], seconds: float, exc: BaseException | None
+    ) -> None:
+        if self.on_call is not None:
+            self.on_call(getattr(fn, "__name__", "call"), seconds, exc)
 
     async def search(
         self,

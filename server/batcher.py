@@ -14,6 +14,7 @@ the wait back on.
 
 Interactive items (search, encode) are taken before bulk items (ingest); a bulk item that has
 waited `bulk_max_wait_ms` is taken like an interactive one, so bulk work is never starved.
+With `prioritize=False` both are served first come, first served (for comparisons).
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
 running. An exception from a batch fails exactly that batch's items, and every future is
 resolved on every path, including shutdown.
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P")
 R = TypeVar("R")
+
+# Told of every batch that ran: its item count and the seconds its run took (for metrics).
+BatchHook = Callable[[int, float], None]
 
 
 def unexpected_error(name: str, exc: BaseException) -> ClipsearchError:
@@ -109,6 +113,7 @@ class MicroBatcher(Generic[P, R]):
         max_queue: int = 4096,
         workers: int = 1,
         bulk_max_wait_ms: float = 500.0,
+        prioritize: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or workers < 1:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1")
@@ -116,6 +121,8 @@ class MicroBatcher(Generic[P, R]):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.stats = BatcherStats()
+        self.on_batch: BatchHook | None = None
+        self._prioritize = prioritize
         self._max_wait = max_wait_ms / 1000.0
         self._bulk_max_wait = bulk_max_wait_ms / 1000.0
         self._queues: tuple[deque[_Item[P, R]], deque[_Item[P, R]]] = (deque(), deque())
@@ -159,6 +166,9 @@ class MicroBatcher(Generic[P, R]):
     @property
     def queued(self) -> int:
         return len(self._queues[0]) + len(self._queues[1])
+
+    def queued_at(self, priority: Priority) -> int:
+        return len(self._queues[priority])
 
     # --- submitting ----------------------------------------------------------------------
 
@@ -256,7 +266,12 @@ class MicroBatcher(Generic[P, R]):
         interactive, bulk = self._queues
         now = time.monotonic()
         while interactive or bulk:
-            starving = bulk and now - bulk[0].enqueued_at >= self._bulk_max_wait
+            if self._prioritize:
+                starving = bulk and now - bulk[0].enqueued_at >= self._bulk_max_wait
+            else:  # first come, first served across both queues
+                starving = bulk and (
+                    not interactive or bulk[0].enqueued_at <= interactive[0].enqueued_at
+                )
             queue = bulk if (starving or not interactive) else interactive
             item = queue.popleft()
             if item.future.done():
@@ -303,7 +318,8 @@ class MicroBatcher(Generic[P, R]):
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
-            run_us = int((time.monotonic() - started) * 1e6)
+            run_s = time.monotonic() - started
+            run_us = int(run_s * 1e6)
             self.stats.batches += 1
             self.stats.items += len(live)
             for item, value in zip(live, results, strict=True):
@@ -314,6 +330,11 @@ class MicroBatcher(Generic[P, R]):
                         batch_size=len(live),
                     )
                     item.future.set_result(BatchResult(value, timing))
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(len(live), run_s)
+                except Exception:  # a metrics bug must not fail a batch that succeeded
+                    log.exception("%s batcher: the batch hook failed", self.name)
         finally:
             self._slots.release()
 
@@ -340,6 +361,7 @@ class Batcher(MicroBatcher[P, R]):
         max_queue: int = 4096,
         workers: int = 1,
         bulk_max_wait_ms: float = 500.0,
+        prioritize: bool = True,
     ) -> None:
         super().__init__(
             name,
@@ -348,6 +370,7 @@ class Batcher(MicroBatcher[P, R]):
             max_queue=max_queue,
             workers=workers,
             bulk_max_wait_ms=bulk_max_wait_ms,
+            prioritize=prioritize,
         )
         self._run_batch = run_batch
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{name}")

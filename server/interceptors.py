@@ -7,18 +7,22 @@ request can kill the server. A request message protobuf cannot decode (invalid U
 string field, a corrupt wire format) is INVALID_ARGUMENT: grpc decodes it before any
 handler runs and would answer UNKNOWN, so the interceptor's deserializer hands the handler
 a marker instead, which the handler turns into the error. `AuthInterceptor` checks a bearer
-token when one is configured.
+token when one is configured. `TelemetryInterceptor`,
+the outermost when metrics or traces are on, tells an observer of each call's start, its
+responses and its final status code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc import aio
@@ -191,3 +195,106 @@ class AuthInterceptor(Interceptor):
 async def _deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
     # A coroutine serves streaming methods too: it ends the call before any response.
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+
+# --- telemetry ---------------------------------------------------------------------------
+
+
+class CallObserver(Protocol):
+    def message(self, response: Any) -> None: ...
+
+    def finish(self, code: grpc.StatusCode) -> None: ...
+
+
+class ObserveCall(Protocol):
+    """Called as a handler starts: (method, metadata, `perf_counter()` when the call reached
+    the interceptors) → the call's observer."""
+
+    def __call__(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], accepted: float
+    ) -> CallObserver: ...
+
+
+def _final_code(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code: object = context.code()  # an int or None at run time, whatever the stubs say
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def _observed_unary(
+    behavior: Callable[..., Awaitable[Any]], start: Callable[[], CallObserver]
+) -> Callable[..., Any]:
+    async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        call = start()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await behavior(request, context)
+            if response is not None:
+                call.message(response)
+            code = _final_code(context)
+            return response
+        except aio.AbortError:
+            code = _final_code(context)
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            call.finish(code)
+
+    return handler
+
+
+def _observed_streaming(
+    behavior: Callable[..., Any], start: Callable[[], CallObserver]
+) -> Callable[..., Any]:
+    async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        call = start()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            responses = behavior(request, context)
+            if inspect.isawaitable(responses):
+                await responses
+            else:
+                async for response in responses:
+                    call.message(response)
+                    yield response
+            code = _final_code(context)
+        except aio.AbortError:
+            code = _final_code(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            call.finish(code)
+
+    return handler
+
+
+class TelemetryInterceptor(Interceptor):
+    """Reports every call to `observe`: its start (and how long after it reached the server),
+    each response, and the status it ended with, whichever interceptor or handler set it."""
+
+    def __init__(self, observe: ObserveCall) -> None:
+        self._observe = observe
+
+    async def intercept_service(  # type: ignore[override]  # None: see Continuation
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        accepted = time.perf_counter()
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+
+        def start() -> CallObserver:
+            return self._observe(method, metadata, accepted)
+
+        if handler.response_streaming:
+            return _rewrap(handler, lambda b: _observed_streaming(b, start))
+        return _rewrap(handler, lambda b: _observed_unary(b, start))

@@ -23,11 +23,11 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from clipsearch.server.batcher import Batcher, BatchResult, Priority
+from clipsearch.server.batcher import Batcher, BatchResult, MicroBatcher, Priority
 from clipsearch.server.errors import ImageError
 from clipsearch.server.images import ImageLimits, ImagePreprocessor
 from clipsearch.server.store.validation import check_text_bytes
@@ -127,6 +127,7 @@ class EncodingPipeline:
         bulk_max_wait_ms: float = 500.0,
         preprocess_threads: int = 0,
         max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+        prioritize: bool = True,
     ) -> None:
         self.backend = backend
         self.max_text_bytes = max_text_bytes
@@ -141,6 +142,7 @@ class EncodingPipeline:
             max_queue=max_queue,
             workers=workers,
             bulk_max_wait_ms=bulk_max_wait_ms,
+            prioritize=prioritize,
         )
         self.vision_batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             "vision",
@@ -150,6 +152,7 @@ class EncodingPipeline:
             max_queue=max_queue,
             workers=workers,
             bulk_max_wait_ms=bulk_max_wait_ms,
+            prioritize=prioritize,
         )
         threads = preprocess_threads or min(8, os.cpu_count() or 1)
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
@@ -178,7 +181,13 @@ class EncodingPipeline:
             bulk_max_wait_ms=settings.bulk_max_wait_ms,
             preprocess_threads=settings.preprocess_threads,
             max_text_bytes=settings.max_text_bytes,
+            prioritize=settings.priority_queue,
         )
+
+    @property
+    def batchers(self) -> dict[str, MicroBatcher[Any, np.ndarray]]:
+        """The tower batchers by tower name."""
+        return {"text": self.text_batcher, "vision": self.vision_batcher}
 
     async def start(self) -> None:
         await self.text_batcher.start()

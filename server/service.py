@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 from grpc import aio
 
 from clipsearch.server.async_store import AsyncStore
+from clipsearch.server.batcher import MicroBatcher, Priority
 from clipsearch.server.catalog import Catalog
 from clipsearch.server.errors import InvalidInput, Unavailable
 from clipsearch.server.ingest import (
@@ -35,6 +36,7 @@ from clipsearch.server.pipeline import Encoded, EncodingPipeline, StageTiming
 from clipsearch.server.search import Searcher, SearchQuery, SearchTarget
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import StoredItem
+from clipsearch.server.telemetry import Observation
 from clipsearch.server.vectors import from_bytes, to_bytes
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
@@ -85,6 +87,48 @@ INGEST_STATUS = {
     IngestStatus.FAILED: pb.INGEST_STATUS_FAILED,
     IngestStatus.SKIPPED: pb.INGEST_STATUS_SKIPPED,
 }
+INGEST_OUTCOME = {
+    pb.INGEST_STATUS_OK: "ok",
+    pb.INGEST_STATUS_FAILED: "failed",
+    pb.INGEST_STATUS_SKIPPED: "skipped",
+}
+# RPCs whose store time is a write (the rest read: search, query, get, count, list).
+WRITE_RPCS = frozenset({"Ingest", "Delete", "CreateCollection", "DropCollection"})
+
+
+def observation(rpc: str, message: Any) -> Observation | None:
+    """The stage times a reply or ack reports in its Timing, for metrics and traces
+    (`telemetry.Reader`); None for a message without one (health, reflection)."""
+    timing = getattr(message, "timing", None)
+    if not isinstance(timing, pb.Timing):
+        return None
+    outcome = INGEST_OUTCOME.get(message.status) if isinstance(message, pb.IngestAck) else None
+    return Observation(
+        queue_us=timing.queue_us,
+        preprocess_us=timing.preprocess_us,
+        inference_us=timing.inference_us,
+        store_us=timing.search_us,
+        total_us=timing.total_us,
+        batch_size=timing.batch_size,
+        store_stage="store_write" if rpc in WRITE_RPCS else "search",
+        ingest_outcome=outcome,
+    )
+
+
+def batcher_stats(name: str, batcher: MicroBatcher[Any, Any]) -> pb.BatcherStats:
+    stats = batcher.stats
+    return pb.BatcherStats(
+        name=name,
+        queued_interactive=batcher.queued_at(Priority.INTERACTIVE),
+        queued_bulk=batcher.queued_at(Priority.BULK),
+        batches=stats.batches,
+        items=stats.items,
+        mean_batch_size=stats.items / stats.batches if stats.batches else 0.0,
+        dropped_cancelled=stats.dropped_cancelled,
+        dropped_expired=stats.dropped_expired,
+        failed_batches=stats.failed_batches,
+        rejected_overload=stats.rejected_overload,
+    )
 
 
 def with_timing(
@@ -172,8 +216,12 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
 
     async def Info(self, request: pb.InfoRequest, context: Context) -> pb.InfoResponse:
         started = time.perf_counter()
+        rt = self._ready()
         response = pb.InfoResponse()
-        response.CopyFrom(self._ready().info)
+        response.CopyFrom(rt.info)
+        response.batchers.extend(
+            batcher_stats(name, batcher) for name, batcher in rt.pipeline.batchers.items()
+        )
         return with_timing(response, started)
 
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:

@@ -123,6 +123,21 @@ class Settings:
     ingest_write_batch: int = _setting(64, "items written to Milvus in one upsert")
     ingest_write_wait_ms: float = _setting(20.0, "longest an encoded item waits for its upsert")
 
+    # --- observability
+    metrics_port: int = _setting(
+        0, "serve Prometheus metrics on this port at /metrics, on --host (0: no metrics)"
+    )
+    otel: bool = _setting(
+        False,
+        "OpenTelemetry traces, a span per call with its stages, sent by OTLP/gRPC to "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT (needs the [otel] extra)",
+    )
+    priority_queue: bool = _setting(
+        True,
+        "batchers serve search and encode items before ingest items (off: first come, "
+        "first served; for comparisons)",
+    )
+
     log_level: str = _setting("info", "logging level", ("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -137,9 +152,13 @@ class Settings:
             "max_text_bytes", "max_inputs_per_request",
         )  # fmt: skip
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
-        non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
+        non_negative = (
+            "port", "intra_op_threads", "preprocess_threads", "max_wait_ms", "metrics_port",
+        )  # fmt: skip
         problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
         problems += self._security_problems()
+        if self.metrics_port and self.metrics_port == self.port:
+            problems.append(f"metrics_port={self.metrics_port} is the gRPC port")
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")

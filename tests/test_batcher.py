@@ -125,6 +125,21 @@ async def test_interactive_items_go_before_bulk(recorder: Recorder) -> None:
     await b.close()
 
 
+async def test_without_priority_items_are_served_in_arrival_order(recorder: Recorder) -> None:
+    b = await started(
+        recorder, max_batch_size=2, max_wait_ms=1, bulk_max_wait_ms=60_000, prioritize=False
+    )
+    blocker = await hold_worker(b, recorder)
+    bulk = asyncio.create_task(b.submit([100, 101, 102], Priority.BULK))
+    await asyncio.sleep(0.01)
+    interactive = asyncio.create_task(b.submit([1, 2, 3], Priority.INTERACTIVE))
+    await asyncio.sleep(0.01)
+    recorder.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, bulk, interactive), 5)
+    assert recorder.batches == [[-1], [100, 101], [102, 1], [2, 3]]
+    await b.close()
+
+
 async def test_bulk_is_not_starved(recorder: Recorder) -> None:
     b = await started(recorder, max_batch_size=1, max_wait_ms=0, bulk_max_wait_ms=50)
     blocker = await hold_worker(b, recorder)

@@ -230,6 +230,7 @@ class InfoResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    BATCHERS_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_family: _builtins.str
@@ -253,6 +254,10 @@ class InfoResponse(_message.Message):
         """onnxruntime, pymilvus, grpcio, ..."""
 
     @_builtins.property
+    def batchers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatcherStats]:
+        """live figures of the tower batchers (text, vision)"""
+
+    @_builtins.property
     def timing(self) -> Global___Timing: ...
     def __init__(
         self,
@@ -269,15 +274,74 @@ class InfoResponse(_message.Message):
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         store: _builtins.str = ...,
         model_id: _builtins.str = ...,
+        batchers: _abc.Iterable[Global___BatcherStats] | None = ...,
         timing: Global___Timing | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "timing", b"timing", "vision", b"vision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dim", b"dim", "image_size", b"image_size", "model_family", b"model_family", "model_id", b"model_id", "model_name", b"model_name", "source_checkpoint", b"source_checkpoint", "store", b"store", "text", b"text", "timing", b"timing", "version", b"version", "versions", b"versions", "vision", b"vision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batchers", b"batchers", "context_length", b"context_length", "dim", b"dim", "image_size", b"image_size", "model_family", b"model_family", "model_id", b"model_id", "model_name", b"model_name", "source_checkpoint", b"source_checkpoint", "store", b"store", "text", b"text", "timing", b"timing", "version", b"version", "versions", b"versions", "vision", b"vision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
+
+@_typing.final
+class BatcherStats(_message.Message):
+    """A batcher's figures since the server started, and its queue at the time of the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    QUEUED_INTERACTIVE_FIELD_NUMBER: _builtins.int
+    QUEUED_BULK_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    MEAN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    DROPPED_CANCELLED_FIELD_NUMBER: _builtins.int
+    DROPPED_EXPIRED_FIELD_NUMBER: _builtins.int
+    FAILED_BATCHES_FIELD_NUMBER: _builtins.int
+    REJECTED_OVERLOAD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """text | vision"""
+    queued_interactive: _builtins.int
+    """search and encode items waiting now"""
+    queued_bulk: _builtins.int
+    """ingest items waiting now"""
+    batches: _builtins.int
+    """batches run"""
+    items: _builtins.int
+    """items in them"""
+    mean_batch_size: _builtins.float
+    """items / batches (0 before the first batch)"""
+    dropped_cancelled: _builtins.int
+    """dropped before running: the caller went away"""
+    dropped_expired: _builtins.int
+    """dropped before running: the deadline passed"""
+    failed_batches: _builtins.int
+    """batches whose inference raised"""
+    rejected_overload: _builtins.int
+    """submissions refused: queue full (RESOURCE_EXHAUSTED)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        queued_interactive: _builtins.int = ...,
+        queued_bulk: _builtins.int = ...,
+        batches: _builtins.int = ...,
+        items: _builtins.int = ...,
+        mean_batch_size: _builtins.float = ...,
+        dropped_cancelled: _builtins.int = ...,
+        dropped_expired: _builtins.int = ...,
+        failed_batches: _builtins.int = ...,
+        rejected_overload: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "dropped_cancelled", b"dropped_cancelled", "dropped_expired", b"dropped_expired", "failed_batches", b"failed_batches", "items", b"items", "mean_batch_size", b"mean_batch_size", "name", b"name", "queued_bulk", b"queued_bulk", "queued_interactive", b"queued_interactive", "rejected_overload", b"rejected_overload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatcherStats: _TypeAlias = BatcherStats  # noqa: Y015
 
 @_typing.final
 class EncodeInput(_message.Message):
