@@ -28,7 +28,7 @@ from clipsearch.client.commands import display_width, format_comparison
 from clipsearch.demo import grid
 from clipsearch.demo.run import committed_models, run_demo
 from clipsearch.export.demo_data import GalleryItem, generate_gallery
-from clipsearch.server.app import Components, default_components, served_bundle
+from clipsearch.server.app import Components, ServingBackend, default_components, served_bundle
 from clipsearch.server.bundle import MANIFEST_FILE, default_bundle_path, load_bundle
 from clipsearch.server.errors import ConfigurationError
 from clipsearch.server.fake import FakeBackend
@@ -68,13 +68,13 @@ def per_model_components() -> Components:
     """ONNX Runtime for real bundles, the fake backend for the fake second bundle."""
     real = default_components()
 
-    def encoder(settings: Settings) -> object:
+    def encoder(settings: Settings) -> ServingBackend:
         manifest = served_bundle(settings).manifest
         if manifest.model_id == FAKE_SECOND_ID:
             return FakeBackend.for_manifest(manifest)
         return real.encoder(settings)
 
-    return Components(encoder=encoder, store=real.store)  # type: ignore[arg-type]
+    return Components(encoder=encoder, store=real.store)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +89,7 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Galler
 
 
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, second_path: Path
-) -> Iterator[ThreadedServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, second_path: Path) -> Iterator[ThreadedServer]:
     db = tmp_path_factory.mktemp("multimodel") / "store.db"
     settings = quick_settings(db, models=f"demo={DEMO},second={second_path}")
     # A collection built earlier with a model this server does not serve.
@@ -345,7 +343,6 @@ def test_compare_runs_one_query_against_each_collection(
 
 def test_compare_command_prints_columns_json_and_a_grid(
     client: Client,
-    server: ThreadedServer,
     collections: dict[str, str],
     gallery: tuple[Path, list[GalleryItem]],
     tmp_path: Path,
@@ -354,7 +351,7 @@ def test_compare_command_prints_columns_json_and_a_grid(
     names = [collections["demo"], collections["second"]]
     expected = client.compare("a red circle", collections=names, top_k=TOP_K)
     png = tmp_path / "compare.png"
-    common = ["--collections", ",".join(names), "--top-k", str(TOP_K), "--server", server.address]
+    common = ["--collections", ",".join(names), "--top-k", str(TOP_K), "--server", client.address]
     assert cli_main(["compare", "a red circle", *common, "--grid", str(png)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"text 'a red circle' -> image, top {TOP_K}"
@@ -425,4 +422,3 @@ def test_the_demo_uses_every_committed_model_and_compares_them(
         from clipsearch.demo.run import QUERIES
 
         assert picture.size[1] == (len(QUERIES) + len(models)) * (grid.THUMB + 2 * grid.PAD)
-
