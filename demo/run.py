@@ -126,7 +126,12 @@ def run_demo(
                     return 1
             rows, precision = ask_queries(client, gallery, items, top_k)
             if len(names) > 1:
-                rows += compare_models(client, names, top_k)
+                rows += compare_models(client, names, items, top_k)
+            else:
+                print(
+                    f"\n5. one model is served ({names[0]}): with a second bundle under "
+                    "server/models the demo puts one query to both side by side"
+                )
             grid_path = write_grid(out / "results.png", rows)
             print(f"6. result grid: {grid_path}")
             print("7. where the time of one search goes:")
@@ -144,7 +149,9 @@ def ingest_gallery(
     collection = collection_of(model, default)
     if collection in existing:
         client.drop_collection(collection)
-    print(f"3. ingesting {gallery / 'manifest.csv'} into {collection} with {model} ...")
+    print(
+        f"3. ingesting {gallery / 'manifest.csv'} into collection {collection} (model {model}) ..."
+    )
     started = time.perf_counter()
     summary = client.ingest_path(
         gallery / "manifest.csv", caption_field="caption_en", collection=collection, model=model
@@ -160,17 +167,22 @@ def ingest_gallery(
     return not summary.failed
 
 
-def compare_models(client: Client, models: list[str], top_k: int) -> list[GridRow]:
+def compare_models(
+    client: Client, models: list[str], items: list[GalleryItem], top_k: int
+) -> list[GridRow]:
     """One query against every model's collection, side by side; the grid's rows."""
     text, expect = COMPARE_QUERY
+    available = sum(hit_matches(asdict(item), expect) for item in items)
     collections = [collection_of(model, models[0]) for model in models]
     print(f"\n5. one query, {len(models)} models side by side ({', '.join(models)}):")
     comparison = client.compare(text, collections=collections, top_k=top_k)
     print("   " + format_comparison(comparison).replace("\n", "\n   "))
     rows = comparison_rows(
         comparison,
-        judge=lambda _, hit: Mark.RIGHT if hit_matches(hit.metadata, expect) else Mark.WRONG,
-    )
+        judge=lambda rank, hit: Mark.RIGHT if hit_matches(hit.metadata, expect)
+        else Mark.NONE_LEFT if rank > available
+        else Mark.WRONG,
+    )  # fmt: skip
     return [GridRow(f"compare: {row.label}", row.query_image, row.hits, row.marks) for row in rows]
 
 
