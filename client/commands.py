@@ -583,6 +583,7 @@ def _register_profile(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="profile an Encode of the text or image instead of a Search",
     )
+    _add_model(p, "with --encode, the model to encode with (a search uses its collection's)")
     _add_json(p)
     p.set_defaults(handler=_with_client(_run_profile))
 
@@ -596,6 +597,7 @@ def _run_profile(args: argparse.Namespace, client: Client) -> int:
         top_k=args.top_k,
         filter=args.filter,
         collection=args.collection,
+        model=args.model,
         repeat=args.repeat,
     )
     if args.json:

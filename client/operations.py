@@ -331,21 +331,24 @@ def profile(
     top_k: int = 10,
     filter: str = "",
     collection: str | None = None,
+    model: str | None = None,
     repeat: int = 1,
     timeout: float | None = None,
 ) -> Plan[Profile]:
-    """Run a search (or, with call="encode", an encode) `repeat` times and break its
-    time down: client round trip vs server total vs queue / preprocess / inference /
-    search. `print(profile)` shows the tree."""
+    """Run a search (or, with call="encode", an encode with the served model called
+    `model`) `repeat` times and break its time down: client round trip vs server total vs
+    queue / preprocess / inference / search. `print(profile)` shows the tree."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if model is not None and call != "encode":
+        raise InvalidArgument("a search uses its collection's model; `model` is for encodes")
     query = describe_query(text, image, vector, like)
     rpc: convert.Rpc[Any, Any, SearchResult | EncodeResult]
     if call == "encode":
         if text is not None and image is None:
-            rpc = convert.texts_rpc([text])
+            rpc = convert.texts_rpc([text], model)
         elif image is not None and text is None:
-            rpc = convert.images_rpc([image])
+            rpc = convert.images_rpc([image], model)
         else:
             raise InvalidArgument("profiling an encode needs exactly one of text or image")
         description = f"Encode {query}"

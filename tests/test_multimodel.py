@@ -239,6 +239,28 @@ def test_each_model_encodes_with_its_own_towers(
         client.encode_texts(["x"], model="nope")
 
 
+def test_the_command_line_passes_the_model_on(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = ["--server", client.address]
+    assert cli_main(["profile", "x", "--encode", "--model", "second", *server]) == 0
+    assert "Encode text 'x'" in capsys.readouterr().out
+    assert cli_main(["profile", "x", "--encode", "--model", "nope", *server]) == 1
+    assert "NOT_FOUND: no model 'nope' is served here" in capsys.readouterr().err
+    assert cli_main(["profile", "x", "--model", "second", *server]) == 1
+    assert "a search uses its collection's model" in capsys.readouterr().err
+    create = ["collections", "create", "made_for_second", "--model", "second", *server]
+    assert cli_main(create) == 0
+    assert capsys.readouterr().out == "created made_for_second\n"
+    assert cli_main(["collections", "--json", *server]) == 0
+    listed = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert (listed["made_for_second"]["model"], listed["made_for_second"]["dim"]) == (
+        "second",
+        client.info().model("second").dim,
+    )
+    client.drop_collection("made_for_second")
+
+
 # --- collections per model ---------------------------------------------------------------
 
 
