@@ -45,7 +45,7 @@ ClientHandler = Callable[[argparse.Namespace, "Client"], int | None]
 
 
 def register(commands: Any) -> None:
-    common = _common_options()
+    common = connection_parser()
     _register_ingest(commands, common)
     _register_search(commands, common)
     _register_compare(commands, common)
@@ -57,7 +57,7 @@ def register(commands: Any) -> None:
     _register_info(commands, common)
 
 
-def _common_options() -> argparse.ArgumentParser:
+def connection_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
     group.add_argument(
@@ -112,7 +112,7 @@ def _with_client(handler: ClientHandler) -> Callable[[argparse.Namespace], int]:
             _error(args, connection_options.TOKEN_ON_COMMAND_LINE)
         try:
             token = connection_options.bearer_token(args)
-            tls = _tls_config(args)
+            tls = tls_config(args)
             with Client(args.server, timeout=args.timeout, token=token, tls=tls) as client:
                 return int(handler(args, client) or 0)
         except ClipsearchError as exc:
@@ -127,7 +127,7 @@ def _with_client(handler: ClientHandler) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _tls_config(args: argparse.Namespace) -> TlsConfig | None:
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
     from clipsearch.client.channel import TlsConfig
 
     files = connection_options.tls_files(args)

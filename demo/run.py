@@ -14,6 +14,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from clipsearch.server.process import ServerProcess
 
 COLLECTION = "demo"  # the default model's; every other model's is demo_NAME
 COMPARE_QUERY = ("红色的圆形", ("red", "circle"))  # "a red circle", put to every model
+# Called with the running server's address and the gallery folder once the queries are done;
+# it returns when the demo may stop (`clipsearch demo --web` serves the page until Ctrl-C).
+Hold = Callable[[str, Path], None]
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,13 @@ def collection_of(model: str, default: str) -> str:
 
 
 def run_demo(
-    out: Path, n: int, top_k: int, seed: int, models: list[tuple[str, Path]] | None = None
+    out: Path,
+    n: int,
+    top_k: int,
+    seed: int,
+    hold: Hold | None = None,
+    *,
+    models: list[tuple[str, Path]] | None = None,
 ) -> int:
     """The demo on `models` (name, bundle; the first is the default; default: every
     committed model)."""
@@ -129,16 +139,18 @@ def run_demo(
                 rows += compare_models(client, names, items, top_k)
             else:
                 print(
-                    f"\n5. one model is served ({names[0]}): with a second bundle under "
+                    f"\n   one model is served ({names[0]}): with a second bundle under "
                     "server/models the demo puts one query to both side by side"
                 )
             grid_path = write_grid(out / "results.png", rows)
-            print(f"6. result grid: {grid_path}")
-            print("7. where the time of one search goes:")
+            print(f"5. result grid: {grid_path}")
+            print("6. where the time of one search goes:")
             print(client.profile("a red circle", collection=COLLECTION, repeat=5).render())
+        if hold is not None:
+            hold(address, gallery)
     finally:
         code = server.stop()
-        print(f"8. server stopped (exit code {code})")
+        print(f"{8 if hold else 7}. server stopped (exit code {code})")
     print(f"mean precision@{top_k} over the queries (of the images that exist): {precision:.2f}")
     return 0 if code == 0 else 1
 
@@ -174,7 +186,7 @@ def compare_models(
     text, expect = COMPARE_QUERY
     available = sum(hit_matches(asdict(item), expect) for item in items)
     collections = [collection_of(model, models[0]) for model in models]
-    print(f"\n5. one query, {len(models)} models side by side ({', '.join(models)}):")
+    print(f"\n   one query, {len(models)} models side by side ({', '.join(models)}):")
     comparison = client.compare(text, collections=collections, top_k=top_k)
     print("   " + format_comparison(comparison).replace("\n", "\n   "))
     rows = comparison_rows(
@@ -237,5 +249,5 @@ def ask_queries(
     return rows, sum(precisions) / len(precisions)
 
 
-def main(args: argparse.Namespace) -> int:
-    return run_demo(Path(args.out), args.n, args.top_k, args.seed)
+def main(args: argparse.Namespace, hold: Hold | None = None) -> int:
+    return run_demo(Path(args.out), args.n, args.top_k, args.seed, hold)

@@ -439,7 +439,7 @@ def test_the_demo_uses_every_committed_model_and_compares_them(
     names = [name for name, _ in models]
     assert f"one query, {len(models)} models side by side ({', '.join(names)})" in out
     assert "demo [demo]" in out and "demo_twin [twin]" in out
-    assert "8. server stopped (exit code 0)" in out
+    assert "7. server stopped (exit code 0)" in out
     with Image.open(tmp_path / "out" / "results.png") as picture:
         from clipsearch.demo.run import QUERIES
 
