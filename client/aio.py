@@ -130,6 +130,7 @@ class AsyncClient(ClientBase):
     encode_texts = awaitable(operations.encode_texts)
     encode_images = awaitable(operations.encode_images)
     search = awaitable(operations.search)
+    compare = awaitable(operations.compare)
     ingest_path = awaitable(operations.ingest_path)
     get = awaitable(operations.get)
     delete = awaitable(operations.delete)
@@ -145,11 +146,12 @@ class AsyncClient(ClientBase):
         self,
         batches: Iterable[Sequence[str | bytes]] | AsyncIterable[Sequence[str | bytes]],
         *,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[EncodeResult]:
         """Many encode requests over one stream; results in request order (see
         `Client.encode_stream`: failed batches come back with `.error` set)."""
-        requests = operations.EncodeRequests(batches)
+        requests = operations.EncodeRequests(batches, model)
         call = self._stub.EncodeStream(aiter(requests), timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
@@ -167,6 +169,7 @@ class AsyncClient(ClientBase):
         collection: str | None = None,
         create_collection: bool = True,
         skip_existing: bool = False,
+        model: str | None = None,
         progress: bool = False,
         total: int | None = None,
         window: int = 256,
@@ -181,6 +184,7 @@ class AsyncClient(ClientBase):
             collection=collection,
             create_collection=create_collection,
             skip_existing=skip_existing,
+            model=model,
             progress=progress,
             total=total,
             window=window,

@@ -211,6 +211,7 @@ def ingest_state(
     collection: str | None,
     create_collection: bool,
     skip_existing: bool,
+    model: str | None = None,
     progress: bool,
     total: int | None,
     window: int,
@@ -221,7 +222,7 @@ def ingest_state(
     if total is None and isinstance(items, Sized):
         total = len(items)
     return IngestState(
-        convert.ingest_options(collection, create_collection, skip_existing),
+        convert.ingest_options(collection, create_collection, skip_existing, model),
         window=window,
         max_attempts=max_attempts,
         backoff=backoff or Backoff(),

@@ -124,6 +124,7 @@ class Client(ClientBase):
     encode_texts = blocking(operations.encode_texts)
     encode_images = blocking(operations.encode_images)
     search = blocking(operations.search)
+    compare = blocking(operations.compare)
     ingest_path = blocking(operations.ingest_path)
     get = blocking(operations.get)
     delete = blocking(operations.delete)
@@ -136,15 +137,20 @@ class Client(ClientBase):
     # --- the streams -----------------------------------------------------------------------
 
     def encode_stream(
-        self, batches: Iterable[Sequence[str | bytes]], *, timeout: float | None = None
+        self,
+        batches: Iterable[Sequence[str | bytes]],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
     ) -> Iterator[EncodeResult]:
         """Many encode requests over one stream; results in request order.
 
         Each batch is a list of texts (`str`) and images (`bytes`). A batch that fails (e.g.
-        a corrupt image) yields a result with `.error` set and the stream goes on. `timeout`
-        bounds the whole stream (default: no deadline).
+        a corrupt image) yields a result with `.error` set and the stream goes on. `model`
+        names a served model (default: the server's default). `timeout` bounds the whole
+        stream (default: no deadline).
         """
-        requests = operations.EncodeRequests(batches)
+        requests = operations.EncodeRequests(batches, model)
         call = self._stub.EncodeStream(iter(requests), timeout=timeout, metadata=self._metadata)
         try:
             for response in call:
@@ -162,6 +168,7 @@ class Client(ClientBase):
         collection: str | None = None,
         create_collection: bool = True,
         skip_existing: bool = False,
+        model: str | None = None,
         progress: bool = False,
         total: int | None = None,
         window: int = 256,
@@ -175,8 +182,10 @@ class Client(ClientBase):
         At most `window` items are in flight. If the stream breaks (UNAVAILABLE), the client
         reconnects with exponential backoff and resends the unacknowledged items; the server
         upserts by id, so nothing is duplicated. It gives up after `max_attempts` attempts
-        in a row without an acknowledgement. `progress` shows a tqdm bar (of `total` items,
-        or `len(items)` when it has one). `timeout` bounds each stream (default: none).
+        in a row without an acknowledgement. `model`: the served model of a collection
+        created here (default: the server's default); an existing one must be its model's.
+        `progress` shows a tqdm bar (of `total` items, or `len(items)` when it has one).
+        `timeout` bounds each stream (default: none).
         Iterate the returned stream, or call its `run()` for the `IngestSummary`.
         """
         state = ingest_state(
@@ -184,6 +193,7 @@ class Client(ClientBase):
             collection=collection,
             create_collection=create_collection,
             skip_existing=skip_existing,
+            model=model,
             progress=progress,
             total=total,
             window=window,

@@ -1,4 +1,5 @@
-"""Client subcommands: ingest, search, profile, count, get, delete, collections, info.
+"""Client subcommands: ingest, search, compare, profile, count, get, delete, collections,
+info.
 
 Each takes `--server` (default $CLIPSEARCH_SERVER or 127.0.0.1:50051), `--timeout`, the
 token (`--token-file`, $CLIPSEARCH_TOKEN, or `--token`) and the TLS options (`--tls-ca`,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from clipsearch.client.channel import TlsConfig
     from clipsearch.client.client import Client
-    from clipsearch.client.types import Hit, IngestSummary, SearchResult, ServerInfo
+    from clipsearch.client.types import Comparison, Hit, IngestSummary, SearchResult, ServerInfo
 
 DEFAULT_SERVER = DEFAULT_ADDRESS
 EXIT_CALL_FAILED = 1
@@ -38,6 +39,7 @@ MAX_ERRORS_SHOWN = 20
 # free-text columns are cut; ids and uris are always shown whole, to be pasted elsewhere.
 TABLE_FIELDS = ("caption", "uri")
 COLUMN_LIMITS = {"caption": 48, "metadata": 48}
+COMPARE_COLUMN_LIMIT = 56  # one collection's column in `compare`
 
 ClientHandler = Callable[[argparse.Namespace, "Client"], int | None]
 
@@ -46,6 +48,7 @@ def register(commands: Any) -> None:
     common = connection_parser()
     _register_ingest(commands, common)
     _register_search(commands, common)
+    _register_compare(commands, common)
     _register_profile(commands, common)
     _register_count(commands, common)
     _register_get(commands, common)
@@ -80,6 +83,16 @@ def _add_collection(parser: argparse.ArgumentParser) -> None:
         "--collection",
         default=None,
         help="collection name (default: the server's default collection)",
+    )
+
+
+def _add_model(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help=f"a model the server serves: {what} (default: the server's default model; "
+        "'clipsearch info' lists them)",
     )
 
 
@@ -184,6 +197,11 @@ def _register_ingest(commands: Any, common: argparse.ArgumentParser) -> None:
         default=256,
         help="items in flight, sent but not yet acknowledged (default: 256)",
     )
+    _add_model(
+        p,
+        "the model of the collection if it is created; an existing collection must have "
+        "been built with it (without --model, an existing collection's own model is used)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_json(p)
     p.set_defaults(handler=_with_client(_run_ingest))
@@ -200,6 +218,7 @@ def _run_ingest(args: argparse.Namespace, client: Client) -> int:
         collection=args.collection,
         create_collection=not args.no_create,
         skip_existing=args.skip_existing,
+        model=args.model,
         progress=progress,
         total=source.total if progress else None,
         window=args.window,
@@ -442,6 +461,106 @@ def _row(start: str, cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join((start, *padded)).rstrip()
 
 
+# --- compare -----------------------------------------------------------------------------
+
+
+def _register_compare(commands: Any, common: argparse.ArgumentParser) -> None:
+    p: argparse.ArgumentParser = commands.add_parser(
+        "compare",
+        parents=[common],
+        help="run one query against several collections (built with different models) side by side",
+        description=(
+            "Search each of --collections with the same query (TEXT or --image FILE); the "
+            "server encodes it with each collection's own model. Prints the hits in one "
+            "column per collection (score, id, caption), with the model, the server's timing "
+            "and the round trip of each; --json prints {query, collections: [...]}; --grid "
+            "draws the hits' images, one row per collection (needs the [server] extra for "
+            "pillow; hits whose uri is not a local image file are drawn blank)."
+        ),
+        epilog=(
+            'example: clipsearch compare "a red circle" --collections demo,demo_cclip '
+            "--top-k 5 --grid compare.png"
+        ),
+    )
+    p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="a text query")
+    p.add_argument("--image", metavar="FILE", help="query with this image file")
+    p.add_argument(
+        "--collections",
+        type=_field_list,
+        required=True,
+        metavar="A,B",
+        help="comma list of the collections to search",
+    )
+    p.add_argument(
+        "--target",
+        choices=("image", "caption", "both"),
+        default="image",
+        help="search image vectors, caption vectors, or both (default: image)",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="hits per collection (default: 5)")
+    p.add_argument("--filter", default="", metavar="EXPR", help="Milvus boolean expression")
+    p.add_argument("--grid", metavar="FILE.png", help="also draw the hits as an image grid")
+    _add_json(p)
+    p.set_defaults(handler=_with_client(_run_compare))
+
+
+def _run_compare(args: argparse.Namespace, client: Client) -> int:
+    if (args.text is None) == (args.image is None):
+        raise ValueError("give exactly one query: TEXT or --image FILE")
+    if args.grid is not None:
+        from clipsearch.cli import require
+
+        require("server", "PIL")
+    comparison = client.compare(
+        args.text,
+        image=args.image,
+        collections=args.collections,
+        target=args.target,
+        top_k=args.top_k,
+        filter=args.filter,
+    )
+    if args.json:
+        _print_json(comparison.to_dict())
+    else:
+        print(format_comparison(comparison))
+    if args.grid is not None:
+        from clipsearch.demo.grid import comparison_rows, write_grid
+
+        query_image = Path(args.image) if args.image is not None else None
+        path = write_grid(Path(args.grid), comparison_rows(comparison, query_image))
+        if not args.json:
+            print(f"grid: {path}")
+    return 0
+
+
+def format_comparison(comparison: Comparison, limit: int = COMPARE_COLUMN_LIMIT) -> str:
+    """One column per collection: its name and model, then each hit's score, id and
+    caption, then its server timing and round trip; rank down the left."""
+    results = comparison.results
+    depth = max((len(r.result.hits) for r in results), default=0)
+    labels = ["", "rank", *(str(rank) for rank in range(1, depth + 1)), "server", "round trip"]
+    columns = []
+    for r in results:
+        t = r.result.timing
+        cells = [f"{r.collection} [{r.model or '?'}]", f"{'score':>6}  id  caption"]
+        cells += [f"{hit.score:6.3f}  {hit.id}  {hit.caption}" for hit in r.result.hits]
+        cells += [""] * (depth - len(r.result.hits))
+        cells.append(
+            f"{t.total_ms:.2f} ms (inference {t.inference_ms:.2f}, search {t.search_ms:.2f})"
+        )
+        cells.append(f"{r.round_trip_ms:.2f} ms")
+        columns.append(cells)
+    widths = [min(limit, max(display_width(cell) for cell in cells)) for cells in columns]
+    label_width = max(display_width(label) for label in labels)
+    lines = [f"{comparison.query} -> {comparison.target}, top {comparison.top_k}"]
+    for row, label in enumerate(labels):
+        row_cells = [_fit(column[row], w) for column, w in zip(columns, widths, strict=True)]
+        lines.append("   ".join((f"{label:>{label_width}}", *row_cells)).rstrip())
+    if any(r.result.query_truncated for r in results):
+        lines.append("note: the query text was longer than a model's context and was cut")
+    return "\n".join(lines)
+
+
 # --- profile -----------------------------------------------------------------------------
 
 
@@ -464,6 +583,7 @@ def _register_profile(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="profile an Encode of the text or image instead of a Search",
     )
+    _add_model(p, "with --encode, the model to encode with (a search uses its collection's)")
     _add_json(p)
     p.set_defaults(handler=_with_client(_run_profile))
 
@@ -477,6 +597,7 @@ def _run_profile(args: argparse.Namespace, client: Client) -> int:
         top_k=args.top_k,
         filter=args.filter,
         collection=args.collection,
+        model=args.model,
         repeat=args.repeat,
     )
     if args.json:
@@ -589,6 +710,7 @@ def _register_collections(commands: Any, common: argparse.ArgumentParser) -> Non
     p.add_argument(
         "--exist-ok", action="store_true", help="create: succeed if it exists (default: fail)"
     )
+    _add_model(p, "create: the model the collection is built for")
     _add_json(p)
     p.set_defaults(handler=_with_client(_run_collections))
 
@@ -598,8 +720,10 @@ def _run_collections(args: argparse.Namespace, client: Client) -> int:
         raise ValueError(f"collections {args.action} needs a collection NAME")
     if args.action == "list" and args.name:
         raise ValueError("collections list takes no NAME")
+    if args.model is not None and args.action != "create":
+        raise ValueError("--model goes with collections create")
     if args.action == "create":
-        created = client.create_collection(args.name, exist_ok=args.exist_ok)
+        created = client.create_collection(args.name, exist_ok=args.exist_ok, model=args.model)
         if args.json:
             _print_json({"name": args.name, "created": created})
         else:
@@ -616,7 +740,13 @@ def _run_collections(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json(
             [
-                {"name": c.name, "count": c.count, "dim": c.dim, "model_id": c.model_id}
+                {
+                    "name": c.name,
+                    "count": c.count,
+                    "dim": c.dim,
+                    "model_id": c.model_id,
+                    "model": c.model,
+                }
                 for c in collections
             ]
         )
@@ -624,9 +754,13 @@ def _run_collections(args: argparse.Namespace, client: Client) -> int:
         print("no collections")
     else:
         width = max(4, *(len(c.name) for c in collections))
-        print(f"{'name':<{width}}  {'count':>9}  {'dim':>5}  model_id")
+        model_width = max(5, *(len(c.model) for c in collections))
+        print(f"{'name':<{width}}  {'count':>9}  {'dim':>5}  {'model':<{model_width}}  model_id")
         for c in collections:
-            print(f"{c.name:<{width}}  {c.count:>9}  {c.dim:>5}  {c.model_id}")
+            model = c.model or "-"
+            print(
+                f"{c.name:<{width}}  {c.count:>9}  {c.dim:>5}  {model:<{model_width}}  {c.model_id}"
+            )
     return 0
 
 
@@ -634,9 +768,10 @@ def _register_info(commands: Any, common: argparse.ArgumentParser) -> None:
     p: argparse.ArgumentParser = commands.add_parser(
         "info",
         parents=[common],
-        help="show the served model, its precision, execution providers and versions",
-        description="Print what the server serves: model, dimension, precision, providers, "
-        "store and versions.",
+        help="show the served models, their precision, execution providers and versions",
+        description="Print what the server serves: the default model (dimension, precision, "
+        "providers), every model served with its memory and start-up time, the store and "
+        "versions.",
     )
     p.add_argument(
         "--stats",
@@ -671,6 +806,18 @@ def _run_info(args: argparse.Namespace, client: Client) -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if info.models:
+        print(f"\nmodels served ({len(info.models)}; the first is the default):")
+        name_width = max(4, *(len(m.name) for m in info.models))
+        print(
+            f"  {'name':<{name_width}}  {'family':<12}  {'dim':>4}  {'precision':<9}  "
+            f"{'memory':>9}  {'start-up':>8}  model_id"
+        )
+        for m in info.models:
+            print(
+                f"  {m.name:<{name_width}}  {m.family:<12}  {m.dim:>4}  {m.precision:<9}  "
+                f"{m.memory_mb:>6.1f} MiB  {m.startup_s:>6.2f} s  {m.model_id}"
+            )
     if args.stats:
         print()
         print(_batcher_table(info))

@@ -31,6 +31,7 @@ from clipsearch.client.types import (
     IngestResult,
     IngestStatus,
     Item,
+    ModelInfo,
     SearchResult,
     ServerInfo,
     Target,
@@ -162,6 +163,23 @@ def batcher_stats(stats: pb.BatcherStats) -> BatcherStats:
     )
 
 
+def model_info(model: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=model.name,
+        family=model.family,
+        source_checkpoint=model.source_checkpoint,
+        model_id=model.model_id,
+        dim=model.dim,
+        context_length=model.context_length,
+        image_size=model.image_size,
+        text=tower_info(model.text),
+        vision=tower_info(model.vision),
+        is_default=model.is_default,
+        memory_bytes=model.memory_bytes,
+        startup_us=model.startup_us,
+    )
+
+
 def server_info(response: pb.InfoResponse) -> ServerInfo:
     return ServerInfo(
         model_name=response.model_name,
@@ -178,15 +196,19 @@ def server_info(response: pb.InfoResponse) -> ServerInfo:
         store=response.store,
         timing=timing_from_pb(response.timing),
         batchers=tuple(batcher_stats(b) for b in response.batchers),
+        models=tuple(model_info(m) for m in response.models),
     )
 
 
 # --- Encode ------------------------------------------------------------------------------
 
 
-def encode_request(inputs: Sequence[str | bytes], request_id: int = 0) -> pb.EncodeRequest:
-    """An EncodeRequest: each `str` is a text, each `bytes` an encoded image."""
-    request = pb.EncodeRequest(request_id=request_id)
+def encode_request(
+    inputs: Sequence[str | bytes], request_id: int = 0, model: str | None = None
+) -> pb.EncodeRequest:
+    """An EncodeRequest: each `str` is a text, each `bytes` an encoded image; `model` names
+    a served model (None: the server's default)."""
+    request = pb.EncodeRequest(request_id=request_id, model=model or "")
     for value in inputs:
         if isinstance(value, str):
             request.inputs.add(text=value)
@@ -205,36 +227,40 @@ def encode_result(response: pb.EncodeResponse) -> EncodeResult:
             timing=timing_from_pb(response.timing),
             request_id=response.request_id,
             error=error_for(response.error_code or grpc.StatusCode.UNKNOWN, response.error),
+            model=response.model,
         )
     return EncodeResult(
         vectors=vectors_from_bytes([e.vector.data for e in response.embeddings]),
         truncated=[e.truncated for e in response.embeddings],
         timing=timing_from_pb(response.timing),
         request_id=response.request_id,
+        model=response.model,
     )
 
 
 def encode_rpc(
-    inputs: Sequence[str | bytes],
+    inputs: Sequence[str | bytes], model: str | None = None
 ) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
-    return Rpc(lambda stub: stub.Encode, encode_request(inputs), encode_result)
+    return Rpc(lambda stub: stub.Encode, encode_request(inputs, model=model), encode_result)
 
 
-def texts_rpc(texts: Sequence[str]) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
+def texts_rpc(
+    texts: Sequence[str], model: str | None = None
+) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
     if isinstance(texts, str):
         raise TypeError("encode_texts takes a sequence of texts; wrap a single text in a list")
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"encode_texts takes str values, got {type(text).__name__}")
-    return encode_rpc(texts)
+    return encode_rpc(texts, model)
 
 
 def images_rpc(
-    images: Sequence[ImageInput],
+    images: Sequence[ImageInput], model: str | None = None
 ) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
     if isinstance(images, bytes | str):
         raise TypeError("encode_images takes a sequence of images; wrap a single one in a list")
-    return encode_rpc([read_image(image) for image in images])
+    return encode_rpc([read_image(image) for image in images], model)
 
 
 # --- Search ------------------------------------------------------------------------------
@@ -301,6 +327,7 @@ def search_result(response: pb.SearchResponse) -> SearchResult:
         hits=[hit_from_pb(hit) for hit in response.hits],
         query_truncated=response.query_truncated,
         timing=timing_from_pb(response.timing),
+        model=response.model,
     )
 
 
@@ -312,13 +339,14 @@ def search_rpc(request: pb.SearchRequest) -> Rpc[pb.SearchRequest, pb.SearchResp
 
 
 def ingest_options(
-    collection: str | None, create_collection: bool, skip_existing: bool
+    collection: str | None, create_collection: bool, skip_existing: bool, model: str | None = None
 ) -> pb.IngestRequest:
     return pb.IngestRequest(
         options=pb.IngestOptions(
             collection=collection or "",
             create_collection=create_collection,
             skip_existing=skip_existing,
+            model=model or "",
         )
     )
 
@@ -402,9 +430,9 @@ def count_rpc(filter: str, collection: str | None) -> Rpc[pb.CountRequest, pb.Co
 
 
 def create_collection_rpc(
-    name: str, exist_ok: bool
+    name: str, exist_ok: bool, model: str | None = None
 ) -> Rpc[pb.CreateCollectionRequest, pb.CreateCollectionResponse, bool]:
-    request = pb.CreateCollectionRequest(name=name, exist_ok=exist_ok)
+    request = pb.CreateCollectionRequest(name=name, exist_ok=exist_ok, model=model or "")
     return Rpc(lambda stub: stub.CreateCollection, request, lambda r: bool(r.created))
 
 
@@ -413,7 +441,9 @@ def list_collections_rpc() -> Rpc[
 ]:
     def parse(response: pb.ListCollectionsResponse) -> list[CollectionInfo]:
         return [
-            CollectionInfo(name=c.name, count=c.count, dim=c.dim, model_id=c.model_id)
+            CollectionInfo(
+                name=c.name, count=c.count, dim=c.dim, model_id=c.model_id, model=c.model
+            )
             for c in response.collections
         ]
 

@@ -23,6 +23,8 @@ from clipsearch.client.profile import Profile, Sample
 from clipsearch.client.sources import open_source
 from clipsearch.client.types import (
     CollectionInfo,
+    CollectionResult,
+    Comparison,
     EncodeResult,
     ImageInput,
     IngestSummary,
@@ -37,7 +39,8 @@ from clipsearch.v1 import clipsearch_pb2 as pb
 
 
 def info(client: ClientBase, *, timeout: float | None = None) -> Plan[ServerInfo]:
-    """The served model, its precision and execution providers, and versions."""
+    """The served models (`.models`; the top-level fields describe the default one), their
+    precision, execution providers, memory and start-up time, and versions."""
     return (yield from unary(client, convert.info_rpc(), timeout))
 
 
@@ -63,17 +66,27 @@ def wait_until_ready(client: ClientBase, timeout: float = 60.0) -> Plan[ServerIn
 
 
 def encode_texts(
-    client: ClientBase, texts: Sequence[str], *, timeout: float | None = None
+    client: ClientBase,
+    texts: Sequence[str],
+    *,
+    model: str | None = None,
+    timeout: float | None = None,
 ) -> Plan[EncodeResult]:
-    """Texts to embeddings, [len(texts), dim] float32, in input order."""
-    return (yield from unary(client, convert.texts_rpc(texts), timeout))
+    """Texts to embeddings, [len(texts), dim] float32, in input order, with the served
+    model called `model` (default: the server's default model)."""
+    return (yield from unary(client, convert.texts_rpc(texts, model), timeout))
 
 
 def encode_images(
-    client: ClientBase, images: Sequence[ImageInput], *, timeout: float | None = None
+    client: ClientBase,
+    images: Sequence[ImageInput],
+    *,
+    model: str | None = None,
+    timeout: float | None = None,
 ) -> Plan[EncodeResult]:
-    """Images (encoded bytes, or paths of image files) to embeddings, in input order."""
-    rpc = yield from blocking(lambda: convert.images_rpc(images))  # may read files
+    """Images (encoded bytes, or paths of image files) to embeddings, in input order, with
+    the served model called `model` (default: the server's default model)."""
+    rpc = yield from blocking(lambda: convert.images_rpc(images, model))  # may read files
     return (yield from unary(client, rpc, timeout))
 
 
@@ -81,8 +94,13 @@ class EncodeRequests:
     """The requests of an encode stream, numbered from 0. An error raised by the caller's
     batches ends the requests quietly and is raised by `check()` after the stream."""
 
-    def __init__(self, batches: Iterable[Sequence[str | bytes]] | AsyncIterable[Any]) -> None:
+    def __init__(
+        self,
+        batches: Iterable[Sequence[str | bytes]] | AsyncIterable[Any],
+        model: str | None = None,
+    ) -> None:
         self._batches = batches
+        self._model = model
         self._failure: Exception | None = None
 
     def __iter__(self) -> Iterator[pb.EncodeRequest]:
@@ -90,7 +108,7 @@ class EncodeRequests:
             if isinstance(self._batches, AsyncIterable):
                 raise TypeError("batches from an async iterable need the AsyncClient")
             for request_id, batch in enumerate(self._batches):
-                yield convert.encode_request(batch, request_id)
+                yield convert.encode_request(batch, request_id, self._model)
         except Exception as exc:
             self._failure = exc
 
@@ -102,7 +120,7 @@ class EncodeRequests:
         try:
             request_id = 0
             async for batch in self._batches:
-                yield convert.encode_request(batch, request_id)
+                yield convert.encode_request(batch, request_id, self._model)
                 request_id += 1
         except Exception as exc:
             self._failure = exc
@@ -154,6 +172,42 @@ def search(
     return (yield from unary(client, convert.search_rpc(request), timeout))
 
 
+def compare(
+    client: ClientBase,
+    text: str | None = None,
+    *,
+    image: ImageInput | None = None,
+    collections: Sequence[str],
+    target: Target = "image",
+    top_k: int = 10,
+    filter: str = "",
+    timeout: float | None = None,
+) -> Plan[Comparison]:
+    """The same query (a text, or an image: bytes or path) against each of `collections`,
+    one after another, typically collections built with different models: the server
+    encodes the query with each collection's model. Returns each collection's hits, the
+    model that searched it, the server's timing and the client's round trip."""
+    if isinstance(collections, str):
+        raise TypeError("collections is a sequence of names; wrap a single one in a list")
+    names = list(collections)
+    if not names:
+        raise InvalidArgument("compare needs at least one collection")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"a collection is named twice: {names}")
+    if (text is None) == (image is None):
+        raise InvalidArgument("give exactly one query: a text or an image")
+    data = None if image is None else (yield from blocking(lambda: convert.read_image(image)))
+    results = []
+    for name in names:
+        request = convert.search_request(
+            text, image=data, target=target, top_k=top_k, filter=filter, collection=name
+        )
+        started = time.perf_counter_ns()
+        result = yield from unary(client, convert.search_rpc(request), timeout)
+        results.append(CollectionResult(name, result, (time.perf_counter_ns() - started) // 1000))
+    return Comparison(describe_query(text, image, None, None), target, top_k, results)
+
+
 # --- ingest ------------------------------------------------------------------------------
 
 
@@ -165,6 +219,7 @@ def ingest_path(
     collection: str | None = None,
     create_collection: bool = True,
     skip_existing: bool = False,
+    model: str | None = None,
     progress: bool = True,
     window: int = 256,
     max_attempts: int = 5,
@@ -172,7 +227,9 @@ def ingest_path(
     """Ingest a directory of images, a CSV or JSONL manifest, or one image file.
 
     See `clipsearch.client.sources` for the manifest columns; `caption_field` names the
-    caption column (default "caption"). Returns the counts and each failure's reason.
+    caption column (default "caption"). `model`: the served model of a collection created
+    here (default: the server's default); an existing collection must have been built with
+    it. Returns the counts and each failure's reason.
     """
     source = open_source(path, caption_field=caption_field)
     total = (yield from blocking(lambda: source.total)) if progress else None
@@ -181,6 +238,7 @@ def ingest_path(
         collection=collection,
         create_collection=create_collection,
         skip_existing=skip_existing,
+        model=model,
         progress=progress,
         total=total,
         window=window,
@@ -232,11 +290,18 @@ def count(
 
 
 def create_collection(
-    client: ClientBase, name: str, *, exist_ok: bool = False, timeout: float | None = None
+    client: ClientBase,
+    name: str,
+    *,
+    exist_ok: bool = False,
+    model: str | None = None,
+    timeout: float | None = None,
 ) -> Plan[bool]:
-    """Create a collection for the served model; True if created, False if it existed
-    (with `exist_ok`; else AlreadyExists is raised)."""
-    return (yield from unary(client, convert.create_collection_rpc(name, exist_ok), timeout))
+    """Create a collection for the served model called `model` (default: the server's
+    default model); True if created, False if it existed (with `exist_ok`; else
+    AlreadyExists is raised; FailedPrecondition if it was built with another model)."""
+    rpc = convert.create_collection_rpc(name, exist_ok, model)
+    return (yield from unary(client, rpc, timeout))
 
 
 def list_collections(
@@ -266,21 +331,24 @@ def profile(
     top_k: int = 10,
     filter: str = "",
     collection: str | None = None,
+    model: str | None = None,
     repeat: int = 1,
     timeout: float | None = None,
 ) -> Plan[Profile]:
-    """Run a search (or, with call="encode", an encode) `repeat` times and break its
-    time down: client round trip vs server total vs queue / preprocess / inference /
-    search. `print(profile)` shows the tree."""
+    """Run a search (or, with call="encode", an encode with the served model called
+    `model`) `repeat` times and break its time down: client round trip vs server total vs
+    queue / preprocess / inference / search. `print(profile)` shows the tree."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if model is not None and call != "encode":
+        raise InvalidArgument("a search uses its collection's model; `model` is for encodes")
     query = describe_query(text, image, vector, like)
     rpc: convert.Rpc[Any, Any, SearchResult | EncodeResult]
     if call == "encode":
         if text is not None and image is None:
-            rpc = convert.texts_rpc([text])
+            rpc = convert.texts_rpc([text], model)
         elif image is not None and text is None:
-            rpc = convert.images_rpc([image])
+            rpc = convert.images_rpc([image], model)
         else:
             raise InvalidArgument("profiling an encode needs exactly one of text or image")
         description = f"Encode {query}"

@@ -104,8 +104,44 @@ class BatcherStats:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """One model a server serves (`Client.info().models`), and what loading it cost."""
+
+    name: str
+    family: str
+    source_checkpoint: str
+    model_id: str
+    dim: int
+    context_length: int
+    image_size: int
+    text: TowerInfo
+    vision: TowerInfo
+    is_default: bool
+    memory_bytes: int  # process RSS growth while it loaded and warmed up
+    startup_us: int  # wall time of its load and warm-up
+
+    @property
+    def precision(self) -> str:
+        return self.text.precision
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self.text.providers
+
+    @property
+    def memory_mb(self) -> float:
+        return self.memory_bytes / 2**20
+
+    @property
+    def startup_s(self) -> float:
+        return self.startup_us / 1e6
+
+
+@dataclass(frozen=True)
 class ServerInfo:
-    """The model being served and the versions around it (`Client.info()`)."""
+    """The models being served and the versions around them (`Client.info()`). The
+    top-level model fields describe the default model; `models` lists every one, the
+    default first."""
 
     model_name: str
     model_family: str
@@ -121,6 +157,14 @@ class ServerInfo:
     store: str
     timing: Timing
     batchers: tuple[BatcherStats, ...] = ()
+    models: tuple[ModelInfo, ...] = ()
+
+    def model(self, name: str) -> ModelInfo:
+        """The served model called `name` (KeyError if none is)."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(f"no model {name!r} is served; served: {[m.name for m in self.models]}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +180,7 @@ class EncodeResult:
     timing: Timing
     request_id: int = 0
     error: ClipsearchError | None = None
+    model: str = ""  # the served model that encoded the inputs
 
     def raise_for_error(self) -> EncodeResult:
         """This result, or its error raised."""
@@ -167,12 +212,64 @@ class SearchResult:
     hits: list[Hit]
     query_truncated: bool
     timing: Timing
+    model: str = ""  # the served model of the collection, which encoded the query
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "hits": [hit.to_dict() for hit in self.hits],
             "query_truncated": self.query_truncated,
             "timing": self.timing.to_dict(),
+            "model": self.model,
+        }
+
+
+@dataclass(frozen=True)
+class CollectionResult:
+    """One collection's answer in a `Comparison`, with the client's round trip."""
+
+    collection: str
+    result: SearchResult
+    round_trip_us: int
+
+    @property
+    def model(self) -> str:
+        return self.result.model
+
+    @property
+    def round_trip_ms(self) -> float:
+        return self.round_trip_us / 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "collection": self.collection,
+            "model": self.model,
+            "round_trip_us": self.round_trip_us,
+            **{k: v for k, v in self.result.to_dict().items() if k != "model"},
+        }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The same query against several collections (`Client.compare()`), in the order the
+    collections were given: typically collections built with different models."""
+
+    query: str  # the query in a few words: "text 'a red circle'", "image q.jpg"
+    target: Target
+    top_k: int
+    results: list[CollectionResult]
+
+    def __getitem__(self, collection: str) -> CollectionResult:
+        for result in self.results:
+            if result.collection == collection:
+                return result
+        raise KeyError(collection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "target": self.target,
+            "top_k": self.top_k,
+            "collections": [r.to_dict() for r in self.results],
         }
 
 
@@ -207,6 +304,7 @@ class CollectionInfo:
     count: int
     dim: int
     model_id: str
+    model: str = ""  # the served model with that model_id; "" if the server serves none
 
 
 @dataclass(frozen=True)

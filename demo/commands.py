@@ -18,12 +18,14 @@ def register(commands: Any) -> None:
         description=(
             "Runs the whole service on its embedded defaults, offline: generates the demo "
             "gallery (coloured shapes with English and Chinese captions), starts "
-            "'clipsearch serve' (demo model + Milvus Lite) in a child process, ingests the "
-            "gallery with a progress bar, asks queries in all four directions (text->image, "
-            "text->text, image->image, image->text) in English and Chinese plus 'more like "
-            "this', a filter and fused search, prints hits with timings, writes a result grid "
-            "PNG, and stops the server. With --web it then serves the search page on "
-            "loopback against the demo server until Ctrl-C."
+            "'clipsearch serve' (every committed model, the demo model first, + Milvus Lite) "
+            "in a child process, ingests the gallery into one collection per model with a "
+            "progress bar, asks queries in all four directions (text->image, text->text, "
+            "image->image, image->text) in English and Chinese plus 'more like this', a "
+            "filter and fused search, prints hits with timings, puts one query to every "
+            "model side by side (with two models or more), writes a result grid PNG, and "
+            "stops the server. With --web it then serves the search page on loopback "
+            "against the demo server until Ctrl-C."
         ),
     )
     p.add_argument(

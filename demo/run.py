@@ -1,14 +1,17 @@
 """`clipsearch demo`: the whole service on its embedded defaults, in one command.
 
-Generates the demo gallery, starts `clipsearch serve` (demo model, Milvus Lite) in a child
-process, streams the gallery in with a progress bar, asks queries in all four directions in
-English and Chinese, prints the hits with their timings and whether each hit is right, writes
-a result grid PNG, and stops the server cleanly.
+Generates the demo gallery, starts `clipsearch serve` (every model bundle committed under
+server/models, the demo model first, and Milvus Lite) in a child process, streams the gallery
+into one collection per model with a progress bar, asks queries in all four directions in
+English and Chinese, prints the hits with their timings and whether each hit is right, puts
+one query to every model's collection side by side when there are several, writes a result
+grid PNG, and stops the server cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -16,11 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clipsearch.client import Client, Target
-from clipsearch.demo.grid import GridRow, Mark, write_grid
+from clipsearch.client.commands import format_comparison
+from clipsearch.demo.grid import GridRow, Mark, comparison_rows, write_grid
 from clipsearch.export.demo_data import GalleryItem, generate_gallery, read_manifest
+from clipsearch.server.bundle import MANIFEST_FILE, default_bundle_path
 from clipsearch.server.process import ServerProcess
 
-COLLECTION = "demo"
+COLLECTION = "demo"  # the default model's; every other model's is demo_NAME
+COMPARE_QUERY = ("红色的圆形", ("red", "circle"))  # "a red circle", put to every model
 # Called with the running server's address and the gallery folder once the queries are done;
 # it returns when the demo may stop (`clipsearch demo --web` serves the page until Ctrl-C).
 Hold = Callable[[str, Path], None]
@@ -74,7 +80,33 @@ def hit_matches(metadata: dict[str, object], expect: tuple[str, str]) -> bool:
     return any((not colour or c == colour) and s == shape for c, s in objects)
 
 
-def run_demo(out: Path, n: int, top_k: int, seed: int, hold: Hold | None = None) -> int:
+def committed_models() -> list[tuple[str, Path]]:
+    """Every model bundle under server/models, by folder name, the default (demo) first."""
+    default = default_bundle_path()
+    found = sorted(p for p in default.parent.iterdir() if (p / MANIFEST_FILE).is_file())
+    return [(p.name, p) for p in sorted(found, key=lambda p: p != default)]
+
+
+def collection_of(model: str, default: str) -> str:
+    """The default model's collection is `demo`; another model's `demo_NAME`."""
+    if model == default:
+        return COLLECTION
+    return f"{COLLECTION}_{re.sub(r'[^A-Za-z0-9_]', '_', model)}"
+
+
+def run_demo(
+    out: Path,
+    n: int,
+    top_k: int,
+    seed: int,
+    hold: Hold | None = None,
+    *,
+    models: list[tuple[str, Path]] | None = None,
+) -> int:
+    """The demo on `models` (name, bundle; the first is the default; default: every
+    committed model)."""
+    models = models or committed_models()
+    names = [name for name, _ in models]
     out.mkdir(parents=True, exist_ok=True)
     gallery = out / "gallery"
     started = time.perf_counter()
@@ -83,33 +115,33 @@ def run_demo(out: Path, n: int, top_k: int, seed: int, hold: Hold | None = None)
     seconds = time.perf_counter() - started
     print(f"1. generated {len(items)} demo images in {gallery} ({seconds:.1f} s)")
 
-    server = ServerProcess(["--milvus-uri", str(out / "demo.db"), "--log-level", "warning"])
-    print("2. starting clipsearch serve (demo model, Milvus Lite) ...")
+    args = ["--milvus-uri", str(out / "demo.db"), "--log-level", "warning"]
+    for name, path in models:
+        args += ["--model", f"{name}={path}"]
+    server = ServerProcess(args)
+    print(f"2. starting clipsearch serve ({', '.join(names)}; Milvus Lite) ...")
     address = server.start()
     try:
         with Client(address, timeout=60) as client:
             info = client.info()
-            print(
-                f"   serving {info.model_name} (dim {info.dim}, {info.text.precision}, "
-                f"{info.text.providers[0]}) on {address}"
-            )
-            if COLLECTION in {c.name for c in client.list_collections()}:
-                client.drop_collection(COLLECTION)
-            print(f"3. ingesting {gallery / 'manifest.csv'} ...")
-            started = time.perf_counter()
-            summary = client.ingest_path(
-                gallery / "manifest.csv", caption_field="caption_en", collection=COLLECTION
-            )
-            seconds = time.perf_counter() - started
-            print(
-                f"   {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped in "
-                f"{seconds:.1f} s ({summary.ok / max(seconds, 1e-9):.0f} images/s); "
-                f"count = {client.count(collection=COLLECTION)}"
-            )
-            if summary.failed:
-                print(f"   errors: {summary.errors[:5]}", file=sys.stderr)
-                return 1
+            for m in info.models:
+                print(
+                    f"   serving {m.name} ({m.family}, dim {m.dim}, {m.precision}, "
+                    f"{m.providers[0]}; {m.memory_mb:.0f} MiB, {m.startup_s:.2f} s to load) "
+                    f"on {address}"
+                )
+            existing = {c.name for c in client.list_collections()}
+            for name in names:
+                if not ingest_gallery(client, gallery, name, names[0], existing):
+                    return 1
             rows, precision = ask_queries(client, gallery, items, top_k)
+            if len(names) > 1:
+                rows += compare_models(client, names, items, top_k)
+            else:
+                print(
+                    f"\n   one model is served ({names[0]}): with a second bundle under "
+                    "server/models the demo puts one query to both side by side"
+                )
             grid_path = write_grid(out / "results.png", rows)
             print(f"5. result grid: {grid_path}")
             print("6. where the time of one search goes:")
@@ -121,6 +153,49 @@ def run_demo(out: Path, n: int, top_k: int, seed: int, hold: Hold | None = None)
         print(f"{8 if hold else 7}. server stopped (exit code {code})")
     print(f"mean precision@{top_k} over the queries (of the images that exist): {precision:.2f}")
     return 0 if code == 0 else 1
+
+
+def ingest_gallery(
+    client: Client, gallery: Path, model: str, default: str, existing: set[str]
+) -> bool:
+    collection = collection_of(model, default)
+    if collection in existing:
+        client.drop_collection(collection)
+    print(
+        f"3. ingesting {gallery / 'manifest.csv'} into collection {collection} (model {model}) ..."
+    )
+    started = time.perf_counter()
+    summary = client.ingest_path(
+        gallery / "manifest.csv", caption_field="caption_en", collection=collection, model=model
+    )
+    seconds = time.perf_counter() - started
+    print(
+        f"   {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped in "
+        f"{seconds:.1f} s ({summary.ok / max(seconds, 1e-9):.0f} images/s); "
+        f"count = {client.count(collection=collection)}"
+    )
+    if summary.failed:
+        print(f"   errors: {summary.errors[:5]}", file=sys.stderr)
+    return not summary.failed
+
+
+def compare_models(
+    client: Client, models: list[str], items: list[GalleryItem], top_k: int
+) -> list[GridRow]:
+    """One query against every model's collection, side by side; the grid's rows."""
+    text, expect = COMPARE_QUERY
+    available = sum(hit_matches(asdict(item), expect) for item in items)
+    collections = [collection_of(model, models[0]) for model in models]
+    print(f"\n   one query, {len(models)} models side by side ({', '.join(models)}):")
+    comparison = client.compare(text, collections=collections, top_k=top_k)
+    print("   " + format_comparison(comparison).replace("\n", "\n   "))
+    rows = comparison_rows(
+        comparison,
+        judge=lambda rank, hit: Mark.RIGHT if hit_matches(hit.metadata, expect)
+        else Mark.NONE_LEFT if rank > available
+        else Mark.WRONG,
+    )  # fmt: skip
+    return [GridRow(f"compare: {row.label}", row.query_image, row.hits, row.marks) for row in rows]
 
 
 def ask_queries(

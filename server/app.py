@@ -1,9 +1,14 @@
 """Assembling and running the server.
 
-Start-up binds the port first and answers health checks NOT_SERVING while the model loads
-and warms up (so orchestrators see a live but unready process), then SERVING. On SIGINT or
+Start-up binds the port first and answers health checks NOT_SERVING while the models load
+and warm up (so orchestrators see a live but unready process), then SERVING. On SIGINT or
 SIGTERM health goes NOT_SERVING, calls in flight get `grace_period_s` to finish, then the
 batchers, writers and store close.
+
+Several models may be served (`--model NAME=DIR`, repeated; the first is the default): each
+gets its own backend, tokenizer, preprocessor and batchers. They load one after another so
+that each one's memory (the growth of the process's RSS) and start-up time can be measured;
+Info reports both.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -27,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.bundle import Bundle, Manifest, default_bundle_path, load_bundle
-from clipsearch.server.catalog import Catalog
+from clipsearch.server.catalog import Catalog, ModelRef
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
 from clipsearch.server.errors import ConfigurationError, Unavailable
 from clipsearch.server.fake import FakeBackend
@@ -48,8 +56,8 @@ from clipsearch.server.security import (
     exposure_warning,
     server_credentials,
 )
-from clipsearch.server.service import ClipSearchService, Runtime, observation
-from clipsearch.server.settings import Settings
+from clipsearch.server.service import ClipSearchService, Runtime, ServedModel, observation
+from clipsearch.server.settings import ModelSpec, Settings
 from clipsearch.server.store import MilvusStore, VectorStore
 from clipsearch.server.store.memory import InMemoryStore
 from clipsearch.server.telemetry import Telemetry
@@ -87,11 +95,69 @@ class ServingBackend(InferenceBackend, Protocol):
     def vision_providers(self) -> list[str]: ...
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded and warmed up, with what its loading cost."""
+
+    name: str
+    bundle: Bundle
+    backend: ServingBackend
+    pipeline: EncodingPipeline
+    memory_bytes: int
+    startup_us: int
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.bundle.manifest.model_id, self.backend.dim)
+
+
+def rss_bytes() -> int:
+    """The process's resident set size now (Linux); elsewhere its peak so far."""
+    try:
+        statm = Path("/proc/self/statm").read_text(encoding="ascii")
+        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def model_message(model: LoadedModel, settings: Settings, is_default: bool) -> pb.ModelInfo:
+    manifest, backend = model.bundle.manifest, model.backend
+    return pb.ModelInfo(
+        name=model.name,
+        family=manifest.family,
+        source_checkpoint=manifest.source,
+        model_id=manifest.model_id,
+        dim=manifest.dim,
+        context_length=manifest.text.context_length,
+        image_size=manifest.vision.image_size,
+        text=pb.TowerInfo(
+            precision=backend.precision,
+            providers=backend.text_providers,
+            max_batch_size=settings.max_batch_size,
+        ),
+        vision=pb.TowerInfo(
+            precision=backend.precision,
+            providers=backend.vision_providers,
+            max_batch_size=settings.max_batch_size,
+        ),
+        is_default=is_default,
+        memory_bytes=model.memory_bytes,
+        startup_us=model.startup_us,
+    )
+
+
 def info_message(
-    manifest: Manifest, backend: ServingBackend, settings: Settings, store: str
+    manifest: Manifest,
+    backend: ServingBackend,
+    settings: Settings,
+    store: str,
+    models: list[LoadedModel] | None = None,
 ) -> pb.InfoResponse:
+    """Info: the default model (`manifest`, `backend`) in the top-level fields, and every
+    model served in `models`."""
     return pb.InfoResponse(
-        model_name=manifest.name,
+        model_name=manifest.name if not models else models[0].name,
         model_family=manifest.family,
         source_checkpoint=manifest.source,
         dim=manifest.dim,
@@ -114,17 +180,25 @@ def info_message(
         },
         store=store,
         model_id=manifest.model_id,
+        models=[model_message(m, settings, i == 0) for i, m in enumerate(models or [])],
     )
 
 
+def spec_bundle(spec: ModelSpec) -> Bundle:
+    return load_bundle(spec.path or default_bundle_path())
+
+
 def served_bundle(settings: Settings) -> Bundle:
-    return load_bundle(settings.model or default_bundle_path())
+    """The bundle of the default (first) model of `settings`."""
+    return spec_bundle(settings.model_specs[0])
 
 
 @dataclass
 class Components:
     """Factories for the heavy parts, replaceable in tests. The tokenizer and the image
-    preprocessor always come from the served bundle; `encoder` makes the inference backend."""
+    preprocessor always come from the served bundle; `encoder` makes the inference backend
+    of the model in `settings.model` (called once per served model, with
+    `settings.for_model(spec)`: `served_bundle` of those settings is that model's bundle)."""
 
     encoder: Callable[[Settings], ServingBackend]
     store: Callable[[Settings], VectorStore]
@@ -273,28 +347,61 @@ class ClipSearchServer:
             raise ListenError(f"cannot listen on {address}")
         return bound
 
+    async def _load_model(self, spec: ModelSpec, taken: dict[str, str]) -> LoadedModel:
+        """Load, warm up and start one model; `taken` maps the names and model ids of the
+        models loaded before it (two models may share neither)."""
+        settings = self.settings.for_model(spec)
+        rss_before, started = rss_bytes(), time.perf_counter()
+        bundle = await _in_daemon_thread(spec_bundle, spec)
+        manifest = bundle.manifest
+        name = spec.name or manifest.name
+        for key, what in ((name, "name"), (manifest.model_id, "model_id")):
+            if key in taken:
+                raise ConfigurationError(
+                    f"models {taken[key]!r} and {name!r} have the same {what} {key!r}: "
+                    "serve each model once, under distinct names"
+                )
+        backend = await _in_daemon_thread(self.components.encoder, settings)
+        if backend.dim != manifest.dim:
+            raise ConfigurationError(
+                f"the inference backend makes {backend.dim}-d vectors, the bundle "
+                f"{manifest.name} {manifest.dim}-d"
+            )
+        pipeline = EncodingPipeline.from_settings(backend, bundle, settings)
+        await pipeline.start()
+        taken.update({name: name, manifest.model_id: name})
+        return LoadedModel(
+            name=name,
+            bundle=bundle,
+            backend=backend,
+            pipeline=pipeline,
+            memory_bytes=max(0, rss_bytes() - rss_before),
+            startup_us=int((time.perf_counter() - started) * 1e6),
+        )
+
     async def _warm_up(self) -> None:
         settings = self.settings
+        loaded: list[LoadedModel] = []
         try:
-            bundle = await _in_daemon_thread(served_bundle, settings)
-            backend = await _in_daemon_thread(self.components.encoder, settings)
-            if backend.dim != bundle.manifest.dim:
-                raise ConfigurationError(
-                    f"the inference backend makes {backend.dim}-d vectors, the bundle "
-                    f"{bundle.manifest.name} {bundle.manifest.dim}-d"
-                )
+            taken: dict[str, str] = {}
+            for spec in settings.model_specs:
+                loaded.append(await self._load_model(spec, taken))
             store = AsyncStore(await _in_daemon_thread(self.components.store, settings))
-            pipeline = EncodingPipeline.from_settings(backend, bundle, settings)
-            self._observe(bundle.manifest, backend, pipeline, store)
-            await pipeline.start()
+            default = loaded[0]
+            if self.telemetry is not None:
+                self.telemetry.model = default.name
+            if self.metrics is not None:
+                self.metrics.watch_store(store)
+            for m in loaded:
+                self._observe(m.name, m.bundle.manifest, m.backend, m.pipeline)
             self.service.runtime = Runtime(
                 settings=settings,
-                pipeline=pipeline,
+                models={
+                    m.name: ServedModel(m.ref, m.pipeline, Searcher(m.pipeline, store))
+                    for m in loaded
+                },
                 store=store,
-                catalog=Catalog(
-                    store, bundle.manifest.model_id, backend.dim, settings.max_collections
-                ),
-                searcher=Searcher(pipeline, store),
+                catalog=Catalog(store, [m.ref for m in loaded], settings.max_collections),
                 writers=CollectionWriters(
                     store,
                     batch=settings.ingest_write_batch,
@@ -302,42 +409,45 @@ class ClipSearchServer:
                     max_queue=settings.max_queue,
                 ),
                 info=info_message(
-                    bundle.manifest, backend, settings, _store_kind(store.store, settings)
+                    default.bundle.manifest,
+                    default.backend,
+                    settings,
+                    _store_kind(store.store, settings),
+                    loaded,
                 ),
             )
         except asyncio.CancelledError:  # stopped while starting: `stop` reports it
+            await _close_pipelines(loaded)
             raise
         except BaseException as exc:
+            await _close_pipelines(loaded)
             self.startup_error = exc
             log.error("start-up failed: %s", exc, exc_info=not isinstance(exc, Exception))
             self._ready.set()
             return
         for service in ("", SERVICE_NAME):
             await self.health.set(service, SERVING)
-        log.info(
-            "serving %s on %s (%s, text on %s)",
-            bundle.manifest.name,
-            self.address,
-            backend.precision,
-            backend.text_providers[0],
-        )
+        for m in loaded:
+            log.info(
+                "serving %s%s on %s (%s, text on %s; %.0f MiB, %.2f s to load and warm up)",
+                m.name,
+                " (default)" if m is default and len(loaded) > 1 else "",
+                self.address,
+                m.backend.precision,
+                m.backend.text_providers[0],
+                m.memory_bytes / 2**20,
+                m.startup_us / 1e6,
+            )
         self._ready.set()
 
     def _observe(
-        self,
-        manifest: Manifest,
-        backend: ServingBackend,
-        pipeline: EncodingPipeline,
-        store: AsyncStore,
+        self, name: str, manifest: Manifest, backend: ServingBackend, pipeline: EncodingPipeline
     ) -> None:
-        if self.telemetry is not None:
-            self.telemetry.model = manifest.name
         if self.metrics is None:
             return
-        self.metrics.watch_towers(pipeline.batchers, manifest.name)
-        self.metrics.watch_store(store)
+        self.metrics.watch_towers(pipeline.batchers, name)
         self.metrics.set_model(
-            manifest.name,
+            name,
             manifest.family,
             {
                 "text": (backend.precision, backend.text_providers),
@@ -363,7 +473,8 @@ class ClipSearchServer:
         runtime, self.service.runtime = self.service.runtime, None
         if runtime is not None:
             await runtime.writers.close()
-            await runtime.pipeline.close()
+            for model in runtime.models.values():
+                await model.pipeline.close()
             await runtime.store.close()
         if self._loop_watch is not None:
             self._loop_watch.cancel()
@@ -374,6 +485,11 @@ class ClipSearchServer:
         if self._owned_provider is not None:  # flush the spans still batched
             await asyncio.to_thread(self._owned_provider.shutdown)
         log.info("stopped")
+
+
+async def _close_pipelines(models: list[LoadedModel]) -> None:
+    for model in models:
+        await model.pipeline.close()
 
 
 def configure_logging(level: str) -> None:

@@ -104,10 +104,13 @@ class ServerMetrics:
     # --- wiring ------------------------------------------------------------------------
 
     def watch_towers(self, batchers: Mapping[str, MicroBatcher[Any, Any]], model: str) -> None:
-        """Record each tower batcher's batches, and report its queues and counters live."""
+        """Record each tower batcher's batches, and report its queues and counters live.
+        The first model's towers are named `text`/`vision`; a further model's `MODEL:text`."""
+        first = not self._towers
         for tower, batcher in batchers.items():
-            batcher.on_batch = self._batch_hook(tower, model)
-        self._towers = dict(batchers)
+            key = tower if first else f"{model}:{tower}"
+            batcher.on_batch = self._batch_hook(key, model)
+            self._towers[key] = batcher
 
     def watch_store(self, store: AsyncStore) -> None:
         store.on_call = self.store_call
@@ -115,8 +118,8 @@ class ServerMetrics:
     def set_model(
         self, name: str, family: str, towers: Mapping[str, tuple[str, Sequence[str]]]
     ) -> None:
-        """`towers`: tower → (precision, providers in order); the first provider runs it."""
-        self.model_info.clear()
+        """`towers`: tower → (precision, providers in order); the first provider runs it.
+        Called once per served model."""
         for tower, (precision, providers) in towers.items():
             provider = providers[0] if providers else ""
             self.model_info.labels(tower, name, family, precision, provider).set(1)

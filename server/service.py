@@ -4,8 +4,12 @@ The only module of the serving path that reads or builds protobuf messages. Hand
 thin: validation and the work itself live in search.py, ingest.py, the pipeline and the
 store; errors are raised as domain errors and become status codes through the one mapping
 in `interceptors` (the ErrorInterceptor for a failed call; `status_of` for the per-item and
-per-request errors that streams carry in their messages). Until the model is warm every
+per-request errors that streams carry in their messages). Until the models are warm every
 call answers UNAVAILABLE.
+
+A server may serve several models, each with its own pipeline (tokenizer, preprocessor,
+batchers, backend): Encode uses the model its request names (the default when it names
+none); Search and Ingest use the model the collection was built with (`catalog`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from grpc import aio
 
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.batcher import MicroBatcher, Priority
-from clipsearch.server.catalog import Catalog
-from clipsearch.server.errors import InvalidInput, Unavailable
+from clipsearch.server.catalog import Catalog, ModelRef
+from clipsearch.server.errors import InvalidInput, NotFound, Unavailable
 from clipsearch.server.ingest import (
     CollectionWriters,
     IngestItem,
@@ -60,21 +64,59 @@ TARGETS = {
 }
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One model of a warm server: its encoding pipeline and its searcher."""
+
+    ref: ModelRef
+    pipeline: EncodingPipeline
+    searcher: Searcher
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+
 @dataclass
 class Runtime:
     """Everything a warm server needs to answer calls."""
 
     settings: Settings
-    pipeline: EncodingPipeline
+    models: dict[str, ServedModel]  # by name, the default first
     store: AsyncStore
     catalog: Catalog
-    searcher: Searcher
     writers: CollectionWriters
     info: pb.InfoResponse
 
     @property
+    def default(self) -> ServedModel:
+        return next(iter(self.models.values()))
+
+    @property
+    def pipeline(self) -> EncodingPipeline:
+        """The default model's pipeline."""
+        return self.default.pipeline
+
+    @property
+    def searcher(self) -> Searcher:
+        """The default model's searcher."""
+        return self.default.searcher
+
+    @property
     def dim(self) -> int:
-        return self.pipeline.dim
+        return self.default.pipeline.dim
+
+    def model(self, name: str) -> ServedModel:
+        """The served model called `name`; the default for ""; NotFound otherwise."""
+        if not name:
+            return self.default
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"no model {name!r} is served here; served: {', '.join(self.models)}")
+        return model
+
+    def served(self, ref: ModelRef) -> ServedModel:
+        return self.models[ref.name]
 
 
 def deadline_of(context: Context) -> float | None:
@@ -231,6 +273,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         self, rt: Runtime, request: pb.EncodeRequest, deadline: float | None
     ) -> pb.EncodeResponse:
         started = time.perf_counter()
+        model = rt.model(request.model)
         if not request.inputs:
             raise InvalidInput("no inputs: send texts and/or images")
         limit = self.settings.inputs_per_request
@@ -257,18 +300,18 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
             groups.append(
                 (
                     [i for i, _ in texts],
-                    rt.pipeline.encode_texts([t for _, t in texts], deadline=deadline),
+                    model.pipeline.encode_texts([t for _, t in texts], deadline=deadline),
                 )
             )
         if images:
             groups.append(
                 (
                     [i for i, _ in images],
-                    rt.pipeline.encode_images([b for _, b in images], deadline=deadline),
+                    model.pipeline.encode_images([b for _, b in images], deadline=deadline),
                 )
             )
         results = await asyncio.gather(*(job for _, job in groups))
-        response = pb.EncodeResponse(request_id=request.request_id)
+        response = pb.EncodeResponse(request_id=request.request_id, model=model.name)
         embeddings: list[pb.Embedding | None] = [None] * len(request.inputs)
         stage = StageTiming()
         for (positions, _), encoded in zip(groups, results, strict=True):
@@ -329,13 +372,13 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         started = time.perf_counter()
-        rt, collection, catalog_us = await self._open(request.collection)
+        _, collection, model, catalog_us = await self._open(request.collection)
         kind = request.WhichOneof("query")
         query = SearchQuery(
             collection=collection,
             text=request.text if kind == "text" else None,
             image=request.image if kind == "image" else None,
-            vector=from_bytes(request.vector.data, rt.dim, "query vector")
+            vector=from_bytes(request.vector.data, model.pipeline.dim, "query vector")
             if kind == "vector"
             else None,
             like_id=request.like_id if kind == "like_id" else None,
@@ -348,8 +391,8 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         )
         if request.target not in TARGETS:
             raise InvalidInput(f"unknown target {request.target}")
-        outcome = await rt.searcher.search(query, deadline_of(context))
-        response = pb.SearchResponse(query_truncated=outcome.query_truncated)
+        outcome = await model.searcher.search(query, deadline_of(context))
+        response = pb.SearchResponse(query_truncated=outcome.query_truncated, model=model.name)
         for hit in outcome.hits:
             response.hits.add(
                 id=hit.id,
@@ -375,12 +418,16 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
             collection=self._collection(first.options.collection),
             skip_existing=first.options.skip_existing,
         )
-        if first.options.create_collection:
-            await rt.catalog.create(options.collection, exist_ok=True)
-        else:
-            await rt.catalog.guarded(options.collection)
+        asked = rt.model(first.options.model).ref if first.options.model else None
+        try:
+            ref, _ = await rt.catalog.guarded(options.collection, asked)
+        except NotFound:
+            if not first.options.create_collection:
+                raise
+            await rt.catalog.create(options.collection, True, asked or rt.default.ref)
+            ref, _ = await rt.catalog.guarded(options.collection, asked)
         session = IngestSession(
-            rt.pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
+            rt.served(ref).pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
         )
         items = (ingest_item(request) async for request in request_iterator)
         async for outcome in session.run(items):
@@ -388,17 +435,20 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
 
     # --- items ---------------------------------------------------------------------------
 
-    async def _open(self, name: str, ids: Sequence[str] | None = None) -> tuple[Runtime, str, int]:
-        """The runtime, the collection (checked against the model) and store µs so far."""
+    async def _open(
+        self, name: str, ids: Sequence[str] | None = None
+    ) -> tuple[Runtime, str, ServedModel, int]:
+        """The runtime, the collection, the served model it was built with, and store µs."""
         rt = self._ready()
         collection = self._collection(name)
         if ids is not None and not ids:
             raise InvalidInput("no ids given")
-        return rt, collection, await rt.catalog.guarded(collection)
+        ref, store_us = await rt.catalog.guarded(collection)
+        return rt, collection, rt.served(ref), store_us
 
     async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         started = time.perf_counter()
-        rt, collection, check_us = await self._open(request.collection, request.ids)
+        rt, collection, _, check_us = await self._open(request.collection, request.ids)
         items, get_us = await rt.store.get(collection, list(request.ids), request.include_vectors)
         found = {item.id for item in items}
         response = pb.GetResponse(
@@ -409,14 +459,14 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
 
     async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
         started = time.perf_counter()
-        rt, collection, check_us = await self._open(request.collection, request.ids)
+        rt, collection, _, check_us = await self._open(request.collection, request.ids)
         deleted, delete_us = await rt.store.delete(collection, list(request.ids))
         response = pb.DeleteResponse(deleted=deleted)
         return with_timing(response, started, store_us=check_us + delete_us)
 
     async def Count(self, request: pb.CountRequest, context: Context) -> pb.CountResponse:
         started = time.perf_counter()
-        rt, collection, check_us = await self._open(request.collection)
+        rt, collection, _, check_us = await self._open(request.collection)
         count, count_us = await rt.store.count(collection, request.filter)
         return with_timing(pb.CountResponse(count=count), started, store_us=check_us + count_us)
 
@@ -427,20 +477,27 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
     ) -> pb.CreateCollectionResponse:
         started = time.perf_counter()
         rt = self._ready()
-        created, store_us = await rt.catalog.create(_named(request.name), request.exist_ok)
+        created, store_us = await rt.catalog.create(
+            _named(request.name), request.exist_ok, rt.model(request.model).ref
+        )
         return with_timing(pb.CreateCollectionResponse(created=created), started, store_us=store_us)
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: Context
     ) -> pb.ListCollectionsResponse:
         started = time.perf_counter()
-        infos, store_us = await self._ready().store.list_collections()
-        response = pb.ListCollectionsResponse(
-            collections=[
-                pb.CollectionInfo(name=i.name, count=i.count, dim=i.dim, model_id=i.model_id)
-                for i in infos
-            ]
-        )
+        rt = self._ready()
+        infos, store_us = await rt.store.list_collections()
+        response = pb.ListCollectionsResponse()
+        for i in infos:
+            served = rt.catalog.served(i)
+            response.collections.add(
+                name=i.name,
+                count=i.count,
+                dim=i.dim,
+                model_id=i.model_id,
+                model=served.name if served is not None else "",
+            )
         return with_timing(response, started, store_us=store_us)
 
     async def DropCollection(

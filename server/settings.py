@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -26,12 +27,42 @@ from clipsearch.server.limits import (
 )
 
 ENV_PREFIX = "CLIPSEARCH_"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, repeatable: bool = False
+) -> Any:
+    """A field; `repeatable`: its flag may be given several times, the values joined by
+    commas (the environment variable takes the comma list)."""
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "repeatable": repeatable}
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve, as given: `NAME=DIR`, or a bare `DIR` (named by its manifest)."""
+
+    name: str  # "" = the name in the bundle's manifest
+    path: str  # "" = the committed demo model
+    entry: str  # as given, for the settings of this model alone (`Settings.for_model`)
+
+
+def parse_model_entry(entry: str) -> ModelSpec:
+    """`NAME=DIR` or `DIR`; ConfigurationError if NAME is not a valid model name."""
+    entry = entry.strip()
+    name, sep, path = entry.partition("=")
+    if not sep:
+        return ModelSpec("", entry, entry)
+    if not MODEL_NAME.fullmatch(name) or not path:
+        raise ConfigurationError(
+            f"model {entry!r}: give NAME=DIR or DIR, NAME being letters, digits, '_', '.' "
+            "or '-' (at most 64)"
+        )
+    return ModelSpec(name, path, entry)
 
 
 @dataclass(frozen=True)
@@ -58,7 +89,17 @@ class Settings:
     )
 
     # --- model
-    model: str = _setting("", "model bundle directory (default: the committed demo model)")
+    model: str = _setting(
+        "",
+        "model bundle to serve: DIR (named by its manifest) or NAME=DIR; repeat the flag to "
+        "serve several, the first being the default (default: the committed demo model)",
+        repeatable=True,
+    )
+    models: str = _setting(
+        "",
+        "models to serve as a comma list NAME=DIR,NAME=DIR (the first is the default): the "
+        "same as repeating --model; give one or the other",
+    )
     precision: str = _setting(
         "auto",
         "precision variant: auto = fp16 on CUDA where the bundle has it, else fp32; int8 "
@@ -159,6 +200,7 @@ class Settings:
         problems += self._security_problems()
         if self.metrics_port and self.metrics_port == self.port:
             problems.append(f"metrics_port={self.metrics_port} is the gRPC port")
+        problems += self._model_problems()
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")
@@ -176,6 +218,29 @@ class Settings:
         if self.max_collections <= 0:
             problems.append("max_collections must be > 0")
         return problems
+
+    def _model_problems(self) -> list[str]:
+        if self.model and self.models:
+            return ["give model or models, not both (they are two spellings of one list)"]
+        try:
+            specs = self.model_specs
+        except ConfigurationError as exc:
+            return [str(exc)]
+        names = [spec.name for spec in specs if spec.name]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        return [f"model name {name!r} is given twice" for name in twice]
+
+    @property
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        """The models to serve, the default first (the demo model when none is given)."""
+        entries = [e for e in (self.model or self.models).split(",") if e.strip()]
+        if not entries:
+            return (ModelSpec("", "", ""),)
+        return tuple(parse_model_entry(entry) for entry in entries)
+
+    def for_model(self, spec: ModelSpec) -> Settings:
+        """These settings, serving `spec` alone (what a per-model encoder factory gets)."""
+        return self.replace(model=spec.entry, models="")
 
     @property
     def tls(self) -> bool:
@@ -211,7 +276,11 @@ class Settings:
             raw = env.get(cls.env_name(f.name))
             if raw is not None:
                 values[f.name] = _parse(f.name, f.default, raw, source=cls.env_name(f.name))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.keys() & MODEL_FIELDS:  # the flags name the whole list of models
+            for name in MODEL_FIELDS:
+                values.pop(name, None)
+        values.update(given)
         return cls(**values)
 
     @classmethod
@@ -222,6 +291,10 @@ class Settings:
             if isinstance(f.default, bool):
                 parser.add_argument(
                     flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
+            elif f.metadata.get("repeatable"):
+                parser.add_argument(
+                    flag, action="append", default=None, help=help_text, metavar=f.name.upper()
                 )
             else:
                 parser.add_argument(
@@ -236,6 +309,9 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
         given = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        for name, value in given.items():
+            if isinstance(value, list):  # a repeatable flag
+                given[name] = ",".join(value)
         return cls.from_env(env, **given)
 
     @classmethod
@@ -249,6 +325,9 @@ class Settings:
                 f"| {f.metadata['help']} |"
             )
         return "\n".join(lines) + "\n"
+
+
+MODEL_FIELDS = frozenset({"model", "models"})
 
 
 def _parse(name: str, default: Any, raw: str, source: str) -> Any:

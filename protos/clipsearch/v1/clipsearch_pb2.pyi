@@ -11,9 +11,9 @@ Conventions
 - Every response carries `Timing`; all durations are microseconds.
 - Errors are gRPC status codes with a message saying what was wrong:
   INVALID_ARGUMENT (bad input), NOT_FOUND (collection or id), ALREADY_EXISTS,
-  FAILED_PRECONDITION (collection built with another model), RESOURCE_EXHAUSTED
-  (queue full: retry later), DEADLINE_EXCEEDED, UNAVAILABLE (store down or server
-  draining: safe to retry), UNAUTHENTICATED, INTERNAL.
+  FAILED_PRECONDITION (collection built with a model not served, or not the one named),
+  RESOURCE_EXHAUSTED (queue full: retry later), DEADLINE_EXCEEDED, UNAVAILABLE (store
+  down or server draining: safe to retry), UNAUTHENTICATED, INTERNAL.
 """
 
 from collections import abc as _abc
@@ -195,7 +195,73 @@ class TowerInfo(_message.Message):
 Global___TowerInfo: _TypeAlias = TowerInfo  # noqa: Y015
 
 @_typing.final
+class ModelInfo(_message.Message):
+    """One model a server serves (a server may serve several; see InfoResponse.models)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    SOURCE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    DIM_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    STARTUP_US_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """what requests call it (EncodeRequest.model, ...)"""
+    family: _builtins.str
+    """clip | chinese-clip | ..."""
+    source_checkpoint: _builtins.str
+    model_id: _builtins.str
+    """fingerprint recorded in collections built with it"""
+    dim: _builtins.int
+    context_length: _builtins.int
+    image_size: _builtins.int
+    is_default: _builtins.bool
+    """used by requests that name no model"""
+    memory_bytes: _builtins.int
+    """process RSS growth while it loaded and warmed up"""
+    startup_us: _builtins.int
+    """wall time of its load and warm-up"""
+    @_builtins.property
+    def text(self) -> Global___TowerInfo:
+        """precision and execution providers per tower"""
+
+    @_builtins.property
+    def vision(self) -> Global___TowerInfo: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        family: _builtins.str = ...,
+        source_checkpoint: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        dim: _builtins.int = ...,
+        context_length: _builtins.int = ...,
+        image_size: _builtins.int = ...,
+        text: Global___TowerInfo | None = ...,
+        vision: Global___TowerInfo | None = ...,
+        is_default: _builtins.bool = ...,
+        memory_bytes: _builtins.int = ...,
+        startup_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "vision", b"vision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dim", b"dim", "family", b"family", "image_size", b"image_size", "is_default", b"is_default", "memory_bytes", b"memory_bytes", "model_id", b"model_id", "name", b"name", "source_checkpoint", b"source_checkpoint", "startup_us", b"startup_us", "text", b"text", "vision", b"vision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
 class InfoResponse(_message.Message):
+    """The top-level model fields describe the default model; `models` lists every one."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -232,6 +298,7 @@ class InfoResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     BATCHERS_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_family: _builtins.str
     """clip | chinese-clip | ..."""
@@ -259,6 +326,10 @@ class InfoResponse(_message.Message):
 
     @_builtins.property
     def timing(self) -> Global___Timing: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """every model served, the default first"""
+
     def __init__(
         self,
         *,
@@ -276,10 +347,11 @@ class InfoResponse(_message.Message):
         model_id: _builtins.str = ...,
         batchers: _abc.Iterable[Global___BatcherStats] | None = ...,
         timing: Global___Timing | None = ...,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "timing", b"timing", "vision", b"vision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batchers", b"batchers", "context_length", b"context_length", "dim", b"dim", "image_size", b"image_size", "model_family", b"model_family", "model_id", b"model_id", "model_name", b"model_name", "source_checkpoint", b"source_checkpoint", "store", b"store", "text", b"text", "timing", b"timing", "version", b"version", "versions", b"versions", "vision", b"vision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batchers", b"batchers", "context_length", b"context_length", "dim", b"dim", "image_size", b"image_size", "model_family", b"model_family", "model_id", b"model_id", "model_name", b"model_name", "models", b"models", "source_checkpoint", b"source_checkpoint", "store", b"store", "text", b"text", "timing", b"timing", "version", b"version", "versions", b"versions", "vision", b"vision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,8 +448,11 @@ class EncodeRequest(_message.Message):
 
     INPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """echoed back, for correlating streamed responses"""
+    model: _builtins.str
+    """a served model's name; empty = the default model"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EncodeInput]: ...
     def __init__(
@@ -385,10 +460,11 @@ class EncodeRequest(_message.Message):
         *,
         inputs: _abc.Iterable[Global___EncodeInput] | None = ...,
         request_id: _builtins.int = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,6 +503,7 @@ class EncodeResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     error: _builtins.str
     """EncodeStream only: a request that failed (e.g. a corrupt image) gets a response with
@@ -434,6 +511,8 @@ class EncodeResponse(_message.Message):
     """
     error_code: _builtins.int
     """the gRPC status code the error maps to"""
+    model: _builtins.str
+    """the model that encoded the inputs"""
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
         """one per input, same order"""
@@ -448,10 +527,11 @@ class EncodeResponse(_message.Message):
         error: _builtins.str = ...,
         error_code: _builtins.int = ...,
         timing: Global___Timing | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "error", b"error", "error_code", b"error_code", "request_id", b"request_id", "timing", b"timing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "error", b"error", "error_code", b"error_code", "model", b"model", "request_id", b"request_id", "timing", b"timing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,7 +658,10 @@ class SearchResponse(_message.Message):
     HITS_FIELD_NUMBER: _builtins.int
     QUERY_TRUNCATED_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     query_truncated: _builtins.bool
+    model: _builtins.str
+    """the served model of the collection (it encoded the query)"""
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___Hit]: ...
     @_builtins.property
@@ -589,10 +672,11 @@ class SearchResponse(_message.Message):
         hits: _abc.Iterable[Global___Hit] | None = ...,
         query_truncated: _builtins.bool = ...,
         timing: Global___Timing | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "query_truncated", b"query_truncated", "timing", b"timing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "model", b"model", "query_truncated", b"query_truncated", "timing", b"timing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -607,21 +691,27 @@ class IngestOptions(_message.Message):
     COLLECTION_FIELD_NUMBER: _builtins.int
     CREATE_COLLECTION_FIELD_NUMBER: _builtins.int
     SKIP_EXISTING_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     create_collection: _builtins.bool
-    """create it with the served model if missing"""
+    """create it (with `model`) if missing"""
     skip_existing: _builtins.bool
     """ids already stored are acknowledged SKIPPED, not re-encoded"""
+    model: _builtins.str
+    """A served model's name: the model of a collection created here (empty = the default);
+    an existing collection built with another model is FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
         collection: _builtins.str = ...,
         create_collection: _builtins.bool = ...,
         skip_existing: _builtins.bool = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "create_collection", b"create_collection", "skip_existing", b"skip_existing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "create_collection", b"create_collection", "model", b"model", "skip_existing", b"skip_existing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -932,17 +1022,23 @@ class CreateCollectionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     EXIST_OK_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     exist_ok: _builtins.bool
+    model: _builtins.str
+    """A served model's name (empty = the default model); with exist_ok, an existing
+    collection built with another model is FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         exist_ok: _builtins.bool = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exist_ok", b"exist_ok", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exist_ok", b"exist_ok", "model", b"model", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -979,10 +1075,13 @@ class CollectionInfo(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     DIM_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     count: _builtins.int
     dim: _builtins.int
     model_id: _builtins.str
+    model: _builtins.str
+    """the served model with that model_id; empty if none"""
     def __init__(
         self,
         *,
@@ -990,10 +1089,11 @@ class CollectionInfo(_message.Message):
         count: _builtins.int = ...,
         dim: _builtins.int = ...,
         model_id: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "model_id", b"model_id", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dim", b"dim", "model", b"model", "model_id", b"model_id", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -95,14 +95,15 @@ class ClipSearchServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
-        """The model being served, its execution providers and versions.
+        """The models being served, their execution providers and versions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Encode(self, request, context):
-        """Texts and/or images to L2-normalized embeddings, in input order.
+        """Texts and/or images to L2-normalized embeddings, in input order, with the model the
+        request names (default: the server's default model).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +118,8 @@ class ClipSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
-        """Nearest neighbours of a text, an image, a vector or a stored item.
+        """Nearest neighbours of a text, an image, a vector or a stored item; a text or image
+        query is encoded with the model the collection was built with.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,9 +11,9 @@ Conventions
 - Every response carries `Timing`; all durations are microseconds.
 - Errors are gRPC status codes with a message saying what was wrong:
   INVALID_ARGUMENT (bad input), NOT_FOUND (collection or id), ALREADY_EXISTS,
-  FAILED_PRECONDITION (collection built with another model), RESOURCE_EXHAUSTED
-  (queue full: retry later), DEADLINE_EXCEEDED, UNAVAILABLE (store down or server
-  draining: safe to retry), UNAUTHENTICATED, INTERNAL.
+  FAILED_PRECONDITION (collection built with a model not served, or not the one named),
+  RESOURCE_EXHAUSTED (queue full: retry later), DEADLINE_EXCEEDED, UNAVAILABLE (store
+  down or server draining: safe to retry), UNAUTHENTICATED, INTERNAL.
 """
 
 from clipsearch.v1 import clipsearch_pb2 as _clipsearch_pb2
@@ -45,15 +45,19 @@ class ClipSearchStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ClipSearchAsyncStub: ...
     Info: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.InfoRequest, _clipsearch_pb2.InfoResponse]
-    """The model being served, its execution providers and versions."""
+    """The models being served, their execution providers and versions."""
     Encode: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.EncodeRequest, _clipsearch_pb2.EncodeResponse]
-    """Texts and/or images to L2-normalized embeddings, in input order."""
+    """Texts and/or images to L2-normalized embeddings, in input order, with the model the
+    request names (default: the server's default model).
+    """
     EncodeStream: _grpc.StreamStreamMultiCallable[_clipsearch_pb2.EncodeRequest, _clipsearch_pb2.EncodeResponse]
     """Many Encode requests over one stream; responses come back in request order, and a
     failed request is answered with an error response rather than ending the stream.
     """
     Search: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.SearchRequest, _clipsearch_pb2.SearchResponse]
-    """Nearest neighbours of a text, an image, a vector or a stored item."""
+    """Nearest neighbours of a text, an image, a vector or a stored item; a text or image
+    query is encoded with the model the collection was built with.
+    """
     Ingest: _grpc.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestAck]
     """Bulk ingestion. The first message carries IngestOptions, every later one an
     item. One IngestAck per item once it is written (or failed, or skipped).
@@ -69,15 +73,19 @@ class ClipSearchStub:
 class ClipSearchAsyncStub(ClipSearchStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Info: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.InfoRequest, _clipsearch_pb2.InfoResponse]  # type: ignore[assignment]
-    """The model being served, its execution providers and versions."""
+    """The models being served, their execution providers and versions."""
     Encode: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.EncodeRequest, _clipsearch_pb2.EncodeResponse]  # type: ignore[assignment]
-    """Texts and/or images to L2-normalized embeddings, in input order."""
+    """Texts and/or images to L2-normalized embeddings, in input order, with the model the
+    request names (default: the server's default model).
+    """
     EncodeStream: _aio.StreamStreamMultiCallable[_clipsearch_pb2.EncodeRequest, _clipsearch_pb2.EncodeResponse]  # type: ignore[assignment]
     """Many Encode requests over one stream; responses come back in request order, and a
     failed request is answered with an error response rather than ending the stream.
     """
     Search: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.SearchRequest, _clipsearch_pb2.SearchResponse]  # type: ignore[assignment]
-    """Nearest neighbours of a text, an image, a vector or a stored item."""
+    """Nearest neighbours of a text, an image, a vector or a stored item; a text or image
+    query is encoded with the model the collection was built with.
+    """
     Ingest: _aio.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestAck]  # type: ignore[assignment]
     """Bulk ingestion. The first message carries IngestOptions, every later one an
     item. One IngestAck per item once it is written (or failed, or skipped).
@@ -96,7 +104,7 @@ class ClipSearchServicer(metaclass=_abc_1.ABCMeta):
         request: _clipsearch_pb2.InfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_clipsearch_pb2.InfoResponse, _abc.Awaitable[_clipsearch_pb2.InfoResponse]]:
-        """The model being served, its execution providers and versions."""
+        """The models being served, their execution providers and versions."""
 
     @_abc_1.abstractmethod
     def Encode(
@@ -104,7 +112,9 @@ class ClipSearchServicer(metaclass=_abc_1.ABCMeta):
         request: _clipsearch_pb2.EncodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_clipsearch_pb2.EncodeResponse, _abc.Awaitable[_clipsearch_pb2.EncodeResponse]]:
-        """Texts and/or images to L2-normalized embeddings, in input order."""
+        """Texts and/or images to L2-normalized embeddings, in input order, with the model the
+        request names (default: the server's default model).
+        """
 
     @_abc_1.abstractmethod
     def EncodeStream(
@@ -122,7 +132,9 @@ class ClipSearchServicer(metaclass=_abc_1.ABCMeta):
         request: _clipsearch_pb2.SearchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_clipsearch_pb2.SearchResponse, _abc.Awaitable[_clipsearch_pb2.SearchResponse]]:
-        """Nearest neighbours of a text, an image, a vector or a stored item."""
+        """Nearest neighbours of a text, an image, a vector or a stored item; a text or image
+        query is encoded with the model the collection was built with.
+        """
 
     @_abc_1.abstractmethod
     def Ingest(
