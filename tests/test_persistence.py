@@ -18,6 +18,7 @@ from clipsearch.export.demo_data import generate_gallery
 pytestmark = pytest.mark.slow  # starts a Milvus server twice (~10 s each, ~30 s to reload)
 
 N = 40
+RESTART_TIMEOUT_S = 300.0
 QUERIES = ("a red circle", "blue square", "a green triangle", "一个黄色的五角星")
 
 
@@ -76,7 +77,9 @@ def test_collections_survive_restarts_of_clipsearch_and_milvus(tmp_path: Path) -
 
         # Both stop; Milvus comes back on the same data directory and port, then clipsearch.
         assert milvus.stop() == 0
-        milvus.start()
+        # Recovery (reloading what was loaded) comes before the proxy port opens: 25-30 s
+        # alone, minutes on a loaded machine.
+        milvus.start(timeout_s=RESTART_TIMEOUT_S)
         with ThreadedServer(settings) as server, Client(server.address) as client:
             names = ["photos", "photos__captions", "empty", "empty__captions"]
             assert load_states(milvus.uri, names) == dict.fromkeys(names, "Loaded")
