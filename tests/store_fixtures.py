@@ -5,7 +5,10 @@ etcd, no Docker). `MilvusServerProcess` starts it on free loopback ports in its 
 directory, waits a bounded time for it to answer, and stops it with SIGINT (the way
 `milvus-server` expects to be stopped). Several can run on one machine at once: the
 embedded etcd's client and peer ports, which `milvus-server` has no flag for, are moved to
-free ports through an etcd config file (`ETCD_CONFIG_PATH`).
+free ports through an etcd config file (`ETCD_CONFIG_PATH`), and so are the internal ports of
+its components (root coord, query node, ...: fixed defaults otherwise, so two servers on one
+machine would call each other's components). The ports are chosen once per object, so a
+stopped server starts again on the same ones and the same data (the persistence test).
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ import numpy as np
 
 STARTUP_TIMEOUT_S = 90.0
 SHUTDOWN_TIMEOUT_S = 20.0
+INTERNAL_PORT_FLAGS = (
+    "--root-coord-port",
+    "--proxy-internal-port",
+    "--query-coord-port",
+    "--query-node-port",
+    "--index-coord-port",
+    "--index-node-port",
+    "--data-coord-port",
+    "--data-node-port",
+)
 
 
 def milvus_server_executable() -> str | None:
@@ -59,6 +72,8 @@ class MilvusServerProcess:
         self.data_dir = data_dir
         self.executable = executable
         self.port = free_port()
+        self.etcd_client_port, self.etcd_peer_port = free_port(), free_port()
+        self.internal_ports = {flag: free_port() for flag in INTERNAL_PORT_FLAGS}
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -67,7 +82,7 @@ class MilvusServerProcess:
 
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        etcd_client, etcd_peer = free_port(), free_port()
+        etcd_client, etcd_peer = self.etcd_client_port, self.etcd_peer_port
         etcd_config = self.data_dir / "embed-etcd.yaml"
         etcd_config.write_text(
             "name: clipsearch-test\n"
@@ -83,6 +98,7 @@ class MilvusServerProcess:
             "--data", str(self.data_dir / "milvus"),
             "--proxy-port", str(self.port),
             "--etcd-port", str(etcd_client),
+            *(str(part) for item in self.internal_ports.items() for part in item),
         ]  # fmt: skip
         with (self.data_dir / "milvus-server.out").open("wb") as out:
             # Own session: if this process dies, the server can still be found by group id.

@@ -196,3 +196,33 @@ def test_manifests_wire_probes_services_config_and_secret() -> None:
         docs[("PodDisruptionBudget", "clipsearch")]["spec"]["minAvailable"]
         < deployment["spec"]["replicas"]
     )
+
+
+# --- client-side load balancing (what docs/DEPLOY.md tells clients to do) --------------
+
+
+def test_round_robin_client_option_spreads_calls_over_replicas(tmp_path: Path) -> None:
+    """Two real servers stand in for the pods behind a headless Service: DNS would give the
+    client both addresses; here an `ipv4:` target lists them. With the documented option
+    calls alternate between replicas; without it (gRPC's pick_first) they all go to one."""
+    from server_fixtures import ThreadedServer, quick_settings
+
+    from clipsearch.client import Client
+
+    with (
+        ThreadedServer(quick_settings(tmp_path / "a.db")) as first,
+        ThreadedServer(quick_settings(tmp_path / "b.db")) as second,
+    ):
+        for server, name in ((first, "on_a"), (second, "on_b")):
+            with Client(server.address) as client:
+                client.create_collection(name)
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+
+        def replicas_seen(options: list[tuple[str, Any]]) -> list[str]:
+            with Client(target, options=options) as client:
+                client.wait_until_ready(timeout=30)
+                return [client.list_collections()[0].name for _ in range(20)]
+
+        spread = replicas_seen([("grpc.lb_policy_name", "round_robin")])
+        assert set(spread) == {"on_a", "on_b"}
+        assert set(replicas_seen([])) in ({"on_a"}, {"on_b"})
