@@ -7,8 +7,11 @@ directory, waits a bounded time for it to answer, and stops it with SIGINT (the 
 embedded etcd's client and peer ports, which `milvus-server` has no flag for, are moved to
 free ports through an etcd config file (`ETCD_CONFIG_PATH`), and so are the internal ports of
 its components (root coord, query node, ...: fixed defaults otherwise, so two servers on one
-machine would call each other's components). The ports are chosen once per object, so a
-stopped server starts again on the same ones and the same data (the persistence test).
+machine would call each other's components).
+
+Every start takes fresh ports, so a stopped server started again (same data directory) has a
+new `uri`: its old ports may still be in TIME_WAIT, and `milvus-server` then silently moves
+the proxy to another port.
 """
 
 from __future__ import annotations
@@ -72,9 +75,8 @@ class MilvusServerProcess:
         self.data_dir = data_dir
         self.executable = executable
         self.port = free_port()
-        self.etcd_client_port, self.etcd_peer_port = free_port(), free_port()
-        self.internal_ports = {flag: free_port() for flag in INTERNAL_PORT_FLAGS}
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def uri(self) -> str:
@@ -82,7 +84,10 @@ class MilvusServerProcess:
 
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        etcd_client, etcd_peer = self.etcd_client_port, self.etcd_peer_port
+        if self._started:
+            self.port = free_port()
+        self._started = True
+        etcd_client, etcd_peer = free_port(), free_port()
         etcd_config = self.data_dir / "embed-etcd.yaml"
         etcd_config.write_text(
             "name: clipsearch-test\n"
@@ -98,7 +103,7 @@ class MilvusServerProcess:
             "--data", str(self.data_dir / "milvus"),
             "--proxy-port", str(self.port),
             "--etcd-port", str(etcd_client),
-            *(str(part) for item in self.internal_ports.items() for part in item),
+            *(part for flag in INTERNAL_PORT_FLAGS for part in (flag, str(free_port()))),
         ]  # fmt: skip
         with (self.data_dir / "milvus-server.out").open("wb") as out:
             # Own session: if this process dies, the server can still be found by group id.

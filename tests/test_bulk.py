@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,12 @@ from clipsearch.client.sources import open_source
 from clipsearch.export.demo_data import GalleryItem, generate_gallery
 from clipsearch.server.ingest import content_id
 
-pytestmark = pytest.mark.slow  # a Ray instance and a Milvus server (~30 s to start)
-
 N = 60
 BROKEN = "broken-1"
 QUERIES = (("a red circle", "red", "circle"), ("blue square", "blue", "square"))
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
     import ray
 
@@ -69,6 +69,34 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, G
     return root, {item.id: item for item in items}
 
 
+def test_the_server_never_imports_ray_and_bulk_help_imports_no_extra() -> None:
+    code = (
+        "import contextlib, io, sys\n"
+        "from clipsearch.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        main(['bulk', '--help'])\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0\n"
+        "assert '--num-gpus-per-actor' in out.getvalue()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'onnxruntime')))\n"
+        "import clipsearch.server.app, clipsearch.server.commands, clipsearch.demo.run\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.splitlines() == ["[]", "[]"]
+
+
+def test_bulk_refuses_a_run_without_exactly_one_destination(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(["bulk", str(tmp_path), "--collection", "c"])
+    assert code == 2
+    assert "exactly one destination" in capsys.readouterr().err
+
+
 def bulk(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
     """Run `clipsearch bulk ... --json` in this process (on the module's Ray instance):
     exit code, summary (empty when the run did not start), stderr."""
@@ -88,7 +116,9 @@ def search_ids(client: Client, collection: str, query: str, target: str = "image
     return [hit.id for hit in hits]
 
 
+@pytest.mark.slow  # a Ray instance and a Milvus server (~30 s to start)
 def test_bulk_into_a_milvus_server_is_searched_like_ingest_reruns_converge_and_resumes(
+    ray_instance: None,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     milvus_server: MilvusServerProcess,
@@ -159,7 +189,9 @@ def test_bulk_into_a_milvus_server_is_searched_like_ingest_reruns_converge_and_r
         )
 
 
+@pytest.mark.slow  # a Ray instance
 def test_bulk_into_milvus_lite_with_content_hash_ids_and_parquet_output(
+    ray_instance: None,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     gallery: tuple[Path, dict[str, GalleryItem]],
