@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
 WRITE_BATCH = 512
+LOCAL_START_ATTEMPTS = 3
 
 
 class BulkError(Exception):
@@ -261,16 +262,29 @@ def connect(address: str = "", num_cpus: int | None = None) -> None:
         package_root = str(Path(clipsearch.__file__).resolve().parent.parent)
         paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    try:
-        ray.init(
-            address=address or None,
-            num_cpus=None if address else num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
-    except ConnectionError as exc:
-        raise ConfigurationError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                address=address or None,
+                num_cpus=None if address else num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+            )
+            return
+        except ConnectionError as exc:
+            raise ConfigurationError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+        except Exception as exc:
+            # Ray gives a starting node a fixed 30 s to register; on a busy machine a second
+            # try usually makes it.
+            if address or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise ConfigurationError(
+                    f"the local Ray instance did not start ({attempt} tries): {exc}"
+                ) from exc
+            log.warning("the local Ray instance did not start in time; trying again")
 
 
 def _progress(total: int, enabled: bool) -> Any:
