@@ -93,6 +93,10 @@ class BulkSummary:
     destination: str = ""
     actors: int = 0
     batch_size: int = 0
+    # When the first encoded batch was written (Ray and the actors had started by then), and
+    # the items written after it: the steady rate, without start-up.
+    steady_from_s: float = 0.0
+    steady_items: int = 0
 
     @property
     def total(self) -> int:
@@ -102,6 +106,11 @@ class BulkSummary:
     def items_per_second(self) -> float:
         encoded = self.ok + self.failed
         return encoded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_items_per_second(self) -> float:
+        steady = self.seconds - self.steady_from_s
+        return self.steady_items / steady if self.steady_from_s and steady > 0 else 0.0
 
     def add(self, outcome: BatchOutcome) -> None:
         self.ok += outcome.ok
@@ -117,6 +126,8 @@ class BulkSummary:
             "errors": [{"id": item, "error": error} for item, error in self.errors],
             "seconds": round(self.seconds, 3),
             "items_per_second": round(self.items_per_second, 2),
+            "startup_seconds": round(self.steady_from_s, 3),
+            "steady_items_per_second": round(self.steady_items_per_second, 2),
             "destination": self.destination,
             "actors": self.actors,
             "batch_size": self.batch_size,
@@ -155,7 +166,7 @@ def run(options: BulkOptions) -> BulkSummary:
         sink = ParquetSink(Path(options.parquet_out), options.collection)
         summary.destination = str(Path(options.parquet_out) / options.collection)
     try:
-        _encode_and_write(options, settings, tables, sink, summary)
+        _encode_and_write(options, settings, tables, sink, summary, started=started)
     finally:
         sink.close()
         summary.seconds = time.perf_counter() - started
@@ -205,6 +216,8 @@ def _encode_and_write(
     tables: list[pa.Table],
     sink: Sink,
     summary: BulkSummary,
+    *,
+    started: float,
 ) -> None:
     total = sum(table.num_rows for table in tables)
     if total == 0:
@@ -227,6 +240,7 @@ def _encode_and_write(
         num_gpus=options.gpus_per_actor or None,
     )
     progress = _progress(total, options.progress)
+    steady_start = 0
     try:
         batches = dataset.iter_batches(
             batch_size=options.write_batch, batch_format="pyarrow", prefetch_batches=2
@@ -234,6 +248,10 @@ def _encode_and_write(
         for batch in cast(Iterator[pa.Table], batches):
             outcome = sink.write(batch)
             summary.add(outcome)
+            if not summary.steady_from_s:
+                summary.steady_from_s = time.perf_counter() - started
+                steady_start = summary.total
+            summary.steady_items = summary.total - steady_start
             if progress is not None:
                 progress.update(batch.num_rows)
                 progress.set_postfix(ok=summary.ok, failed=summary.failed, refresh=False)
