@@ -35,6 +35,7 @@ COPY client ./client
 COPY export ./export
 COPY bench ./bench
 COPY demo ./demo
+COPY bulk ./bulk
 RUN pip install --no-deps . && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --user-group clipsearch && mkdir /data \

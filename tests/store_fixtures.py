@@ -5,7 +5,13 @@ etcd, no Docker). `MilvusServerProcess` starts it on free loopback ports in its 
 directory, waits a bounded time for it to answer, and stops it with SIGINT (the way
 `milvus-server` expects to be stopped). Several can run on one machine at once: the
 embedded etcd's client and peer ports, which `milvus-server` has no flag for, are moved to
-free ports through an etcd config file (`ETCD_CONFIG_PATH`).
+free ports through an etcd config file (`ETCD_CONFIG_PATH`), and so are the internal ports of
+its components (root coord, query node, ...: fixed defaults otherwise, so two servers on one
+machine would call each other's components).
+
+Every start takes fresh ports, so a stopped server started again (same data directory) has a
+new `uri`: its old ports may still be in TIME_WAIT, and `milvus-server` then silently moves
+the proxy to another port.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ import numpy as np
 
 STARTUP_TIMEOUT_S = 90.0
 SHUTDOWN_TIMEOUT_S = 20.0
+INTERNAL_PORT_FLAGS = (
+    "--root-coord-port",
+    "--proxy-internal-port",
+    "--query-coord-port",
+    "--query-node-port",
+    "--index-coord-port",
+    "--index-node-port",
+    "--data-coord-port",
+    "--data-node-port",
+)
 
 
 def milvus_server_executable() -> str | None:
@@ -60,6 +76,7 @@ class MilvusServerProcess:
         self.executable = executable
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def uri(self) -> str:
@@ -67,6 +84,9 @@ class MilvusServerProcess:
 
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._started:
+            self.port = free_port()
+        self._started = True
         etcd_client, etcd_peer = free_port(), free_port()
         etcd_config = self.data_dir / "embed-etcd.yaml"
         etcd_config.write_text(
@@ -83,6 +103,7 @@ class MilvusServerProcess:
             "--data", str(self.data_dir / "milvus"),
             "--proxy-port", str(self.port),
             "--etcd-port", str(etcd_client),
+            *(part for flag in INTERNAL_PORT_FLAGS for part in (flag, str(free_port()))),
         ]  # fmt: skip
         with (self.data_dir / "milvus-server.out").open("wb") as out:
             # Own session: if this process dies, the server can still be found by group id.

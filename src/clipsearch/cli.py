@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "clipsearch.demo.commands",
     "clipsearch.bench.commands",
     "clipsearch.web.commands",
+    "clipsearch.bulk.commands",
 )
 EXIT_MISSING_EXTRA = 2
 EXIT_INTERRUPTED = 130
