@@ -101,6 +101,19 @@ class Settings:
     ingest_write_batch: int = _setting(64, "items written to Milvus in one upsert")
     ingest_write_wait_ms: float = _setting(20.0, "longest an encoded item waits for its upsert")
 
+    # --- store faults and health
+    store_retry_s: float = _setting(
+        30.0,
+        "while the vector store is unreachable, ingest holds a write and retries it this long "
+        "(exponential backoff), then ends the stream UNAVAILABLE for the client to resume",
+    )
+    store_probe_s: float = _setting(
+        5.0,
+        "seconds between health probes of the vector store: health is NOT_SERVING while it is "
+        "unreachable or out of disk, SERVING again once it answers and its collections are "
+        "loaded (0: no probe)",
+    )
+
     log_level: str = _setting("info", "logging level", ("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -116,6 +129,8 @@ class Settings:
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
         problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
+        faults = ("store_retry_s", "store_probe_s")
+        problems += [f"{n} must be >= 0" for n in faults if getattr(self, n) < 0]
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")
