@@ -7,6 +7,8 @@ from typing import Any
 
 from clipsearch.cli import require
 
+FAULT_SCENARIOS = ("lite-kill9", "milvus-kill9", "milvus-restart", "drain", "disk-full")
+
 
 def register(commands: Any) -> None:
     bench: argparse.ArgumentParser = commands.add_parser(
@@ -74,6 +76,45 @@ def register(commands: Any) -> None:
     latency.add_argument("--milvus-uri", default="", help="Milvus (default: Lite in a temp dir)")
     latency.set_defaults(handler=_run_latency)
 
+    faults: argparse.ArgumentParser = kinds.add_parser(
+        "faults",
+        help="fault trials (kill -9, Milvus restart, SIGTERM drain, full disk) with exact counts",
+        description=(
+            "Runs 'clipsearch serve' and the resumable client ingest of generated items on "
+            "loopback, breaks something mid-ingest and prints what the client was told "
+            "against what the store holds (docs/RELIABILITY.md). Scenarios: lite-kill9, "
+            "milvus-kill9, milvus-restart (need milvus-server), drain, disk-full (mounts a "
+            "2 MiB tmpfs: root only). Exit code 0 only when every count is exact."
+        ),
+    )
+    faults.add_argument(
+        "--scenario", choices=("all", *FAULT_SCENARIOS), default="all", help="default: all"
+    )
+    faults.add_argument(
+        "--items", type=int, default=0, help="items to ingest (default: 1500; disk-full 4000)"
+    )
+    faults.add_argument("--json", action="store_true", help="print the counts as JSON")
+    faults.set_defaults(handler=_run_faults)
+
+    soak: argparse.ArgumentParser = kinds.add_parser(
+        "soak",
+        help="mixed search/encode/ingest at saturation against a server child; leak check",
+        description=(
+            "Starts 'clipsearch serve' (demo model, Milvus Lite in a temp dir) and runs mixed "
+            "search, encode and ingest clients on loopback for --seconds; reports errors by "
+            "code, p50/p99 per call, and the server's RSS, threads and open files after the "
+            "warm-up and at the end. Exit code 1 if RSS grew more than 10%% after the warm-up, "
+            "threads or open files leaked, or a call failed."
+        ),
+    )
+    soak.add_argument("--seconds", type=float, default=60.0, help="soak time (default: 60)")
+    soak.add_argument(
+        "--warmup-seconds", type=float, default=20.0, help="load before the baseline (default: 20)"
+    )
+    soak.add_argument("--clients", type=int, default=8, help="client threads (default: 8)")
+    soak.add_argument("--json", action="store_true", help="print the report as JSON")
+    soak.set_defaults(handler=_run_soak)
+
 
 def _run_encoder(args: argparse.Namespace) -> int:
     require("export", "torch", "transformers", "onnxruntime")
@@ -85,5 +126,19 @@ def _run_encoder(args: argparse.Namespace) -> int:
 def _run_latency(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.bench.latency import main
+
+    return main(args)
+
+
+def _run_faults(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.faults import main
+
+    return main(args)
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.soak import main
 
     return main(args)
