@@ -232,8 +232,13 @@ def _exact(counts: dict[str, Any]) -> bool:
     )
 
 
-class _Server(ServerProcess):
+class ChildServer(ServerProcess):
     """A `clipsearch serve` child that can be signalled and waited for."""
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not running"
+        return self._process.pid
 
     def signal(self, sig: signal.Signals) -> None:
         if self._process is not None:
@@ -248,9 +253,9 @@ class _Server(ServerProcess):
         return code, round(time.monotonic() - started, 2)
 
 
-def _server(port: int, store: str, *extra: str) -> _Server:
+def _server(port: int, store: str, *extra: str) -> ChildServer:
     args = ["--port", str(port), "--milvus-uri", store, "--log-level", "warning", *extra]
-    return _Server(args)
+    return ChildServer(args)
 
 
 @contextlib.contextmanager
