@@ -103,13 +103,14 @@ def register(commands: Any) -> None:
             "Starts 'clipsearch serve' (demo model, Milvus Lite in a temp dir) and runs mixed "
             "search, encode and ingest clients on loopback for --seconds; reports errors by "
             "code, p50/p99 per call, and the server's RSS, threads and open files after the "
-            "warm-up and at the end. Exit code 1 if RSS grew more than 10%% after the warm-up, "
-            "threads or open files leaked, or a call failed."
+            "warm-up and at the end. Exit code 1 if RSS grew more than 10%% after the warm-up "
+            "(mean of the last quarter of the samples over the first), threads or open files "
+            "leaked, or a call failed."
         ),
     )
     soak.add_argument("--seconds", type=float, default=60.0, help="soak time (default: 60)")
     soak.add_argument(
-        "--warmup-seconds", type=float, default=20.0, help="load before the baseline (default: 20)"
+        "--warmup-seconds", type=float, default=30.0, help="load before the baseline (default: 30)"
     )
     soak.add_argument("--clients", type=int, default=8, help="client threads (default: 8)")
     soak.add_argument("--json", action="store_true", help="print the report as JSON")
