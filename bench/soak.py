@@ -10,9 +10,10 @@ every 2 s in between. Errors are counted by status code, latencies by call.
 
 RSS moves by +-5% from one sample to the next under this load (allocator arenas, Milvus
 Lite's memtable and compactions), so its growth is the mean of the last quarter of the
-samples over the mean of the first quarter. Exit code 1 if it grew more than 10%, threads grew by more than
-THREAD_SLACK or open files by more than FILE_SLACK (a leak grows with time; a pool that
-starts one more worker does not), or any call failed other than RESOURCE_EXHAUSTED.
+samples over the mean of the first quarter. Exit code 1 if it grew more than 10%, threads
+by more than THREAD_SLACK or open files by more than FILE_SLACK (a leak grows with time; a
+pool that starts one more worker does not), or any call failed other than
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations

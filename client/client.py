@@ -177,8 +177,9 @@ class Client(ClientBase):
         upserts by id, so nothing is duplicated (a draining or restarting server ends the
         stream UNAVAILABLE, a restarted one takes it up). It gives up once it has waited
         `backoff.give_up_s` (default 120 s) without an acknowledgement, or after
-        `max_attempts` attempts in a row without one if that is set. `progress` shows a tqdm bar (of `total` items,
-        or `len(items)` when it has one). `timeout` bounds each stream (default: none).
+        `max_attempts` attempts in a row without one if that is set. `progress` shows a
+        tqdm bar (of `total` items, or `len(items)` when it has one). `timeout` bounds each
+        stream (default: none).
         Iterate the returned stream, or call its `run()` for the `IngestSummary`.
         """
         state = ingest_state(
