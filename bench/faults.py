@@ -345,7 +345,7 @@ def milvus_restart(work: Path, n: int) -> dict[str, Any]:
                     raise TimeoutError("the ingest did not reach the kill point")
                 saw_down = health.wait_for("NOT_SERVING", 30)
                 restart_started = time.monotonic()
-                milvus.start()
+                milvus.start(timeout_s=240)  # slower after kill -9 on a busy machine
                 restart_s = time.monotonic() - restart_started
                 ingest.wait()
                 back = health.wait_for("SERVING", 120)
