@@ -19,6 +19,8 @@ LOAD_SCENARIOS = (
     "ingest",
 )
 
+FAULT_SCENARIOS = ("lite-kill9", "milvus-kill9", "milvus-restart", "drain", "disk-full")
+
 
 def register(commands: Any) -> None:
     bench: argparse.ArgumentParser = commands.add_parser(
@@ -199,6 +201,46 @@ def _register_load(kinds: Any) -> None:
     )
     load.set_defaults(handler=_run_load)
 
+    faults: argparse.ArgumentParser = kinds.add_parser(
+        "faults",
+        help="fault trials (kill -9, Milvus restart, SIGTERM drain, full disk) with exact counts",
+        description=(
+            "Runs 'clipsearch serve' and the resumable client ingest of generated items on "
+            "loopback, breaks something mid-ingest and prints what the client was told "
+            "against what the store holds (docs/RELIABILITY.md). Scenarios: lite-kill9, "
+            "milvus-kill9, milvus-restart (need milvus-server), drain, disk-full (mounts a "
+            "2 MiB tmpfs: root only). Exit code 0 only when every count is exact."
+        ),
+    )
+    faults.add_argument(
+        "--scenario", choices=("all", *FAULT_SCENARIOS), default="all", help="default: all"
+    )
+    faults.add_argument(
+        "--items", type=int, default=0, help="items to ingest (default: 1500; disk-full 4000)"
+    )
+    faults.add_argument("--json", action="store_true", help="print the counts as JSON")
+    faults.set_defaults(handler=_run_faults)
+
+    soak: argparse.ArgumentParser = kinds.add_parser(
+        "soak",
+        help="mixed search/encode/ingest at saturation against a server child; leak check",
+        description=(
+            "Starts 'clipsearch serve' (demo model, Milvus Lite in a temp dir) and runs mixed "
+            "search, encode and ingest clients on loopback for --seconds; reports errors by "
+            "code, p50/p99 per call, and the server's RSS, threads and open files after the "
+            "warm-up and at the end. Exit code 1 if RSS grew more than 10%% after the warm-up "
+            "(mean of the last quarter of the samples over the first), threads or open files "
+            "leaked, or a call failed."
+        ),
+    )
+    soak.add_argument("--seconds", type=float, default=60.0, help="soak time (default: 60)")
+    soak.add_argument(
+        "--warmup-seconds", type=float, default=30.0, help="load before the baseline (default: 30)"
+    )
+    soak.add_argument("--clients", type=int, default=8, help="client threads (default: 8)")
+    soak.add_argument("--json", action="store_true", help="print the report as JSON")
+    soak.set_defaults(handler=_run_soak)
+
 
 def _run_encoder(args: argparse.Namespace) -> int:
     require("export", "torch", "transformers", "onnxruntime")
@@ -221,6 +263,13 @@ def _run_figures(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _run_faults(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.faults import main
+
+    return main(args)
+
+
 def _run_load(args: argparse.Namespace) -> int:
     scenarios = [args.scenario, *(part.split("=")[0].strip() for part in args.mix.split(","))]
     if {"encode-image", "search-image", "ingest"}.intersection(scenarios):
@@ -228,5 +277,12 @@ def _run_load(args: argparse.Namespace) -> int:
     if args.plot:
         require("bench", "matplotlib")
     from clipsearch.bench.load import main
+
+    return main(args)
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.soak import main
 
     return main(args)

@@ -173,7 +173,7 @@ class AsyncClient(ClientBase):
         progress: bool = False,
         total: int | None = None,
         window: int = 256,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         timeout: float | None = None,
         backoff: Backoff | None = None,
     ) -> AsyncIngestStream:

@@ -215,7 +215,7 @@ def ingest_state(
     progress: bool,
     total: int | None,
     window: int,
-    max_attempts: int,
+    max_attempts: int | None,
     backoff: Backoff | None,
 ) -> IngestState:
     """The state of one ingest run (`total` defaults to `len(items)` where it has one)."""

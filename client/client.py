@@ -172,7 +172,7 @@ class Client(ClientBase):
         progress: bool = False,
         total: int | None = None,
         window: int = 256,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         timeout: float | None = None,
         backoff: Backoff | None = None,
     ) -> SyncIngestStream:
@@ -181,11 +181,13 @@ class Client(ClientBase):
 
         At most `window` items are in flight. If the stream breaks (UNAVAILABLE), the client
         reconnects with exponential backoff and resends the unacknowledged items; the server
-        upserts by id, so nothing is duplicated. It gives up after `max_attempts` attempts
-        in a row without an acknowledgement. `model`: the served model of a collection
-        created here (default: the server's default); an existing one must be its model's.
-        `progress` shows a tqdm bar (of `total` items, or `len(items)` when it has one).
-        `timeout` bounds each stream (default: none).
+        upserts by id, so nothing is duplicated (a draining or restarting server ends the
+        stream UNAVAILABLE, a restarted one takes it up). It gives up once it has waited
+        `backoff.give_up_s` (default 120 s) without an acknowledgement, or after
+        `max_attempts` attempts in a row without one if that is set. `model`: the served
+        model of a collection created here (default: the server's default); an existing one
+        must be its model's. `progress` shows a tqdm bar (of `total` items, or `len(items)`
+        when it has one). `timeout` bounds each stream (default: none).
         Iterate the returned stream, or call its `run()` for the `IngestSummary`.
         """
         state = ingest_state(

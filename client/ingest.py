@@ -12,8 +12,10 @@ broken stream, independent of the transport:
   waits an exponential backoff, opens a new stream, and the new attempt first resends the
   pending items, then goes on with the source. The server upserts by id (or content hash),
   so an item written before the break but not acknowledged is written again, never twice;
-- bounds: `max_attempts` consecutive broken attempts without a single ack give up with the
-  last error; any ack resets the count, so a long ingest survives occasional restarts;
+- bounds: the resume gives up with the last error once it has waited `backoff.give_up_s`
+  (default 120 s: long enough for a server to restart or a store to come back) in broken
+  attempts without a single ack, or after `max_attempts` such attempts if that is set; any
+  ack resets both, so a long ingest survives occasional restarts;
 - local failures: a path item whose file cannot be read, or a manifest row that cannot
   describe an item (the source raises `RowError` and goes on), is reported as a failed
   result and never sent.
@@ -60,12 +62,15 @@ SLOT_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with +-`jitter` relative randomization."""
+    """Exponential backoff with +-`jitter` relative randomization between resume attempts,
+    for at most `give_up_s` seconds of waiting without progress (0.25 s doubling to 10 s:
+    about 17 attempts in the default 120 s)."""
 
-    initial_s: float = 0.2
-    maximum_s: float = 5.0
+    initial_s: float = 0.25
+    maximum_s: float = 10.0
     multiplier: float = 2.0
     jitter: float = 0.2
+    give_up_s: float = 120.0
 
     def delay(self, failures: int) -> float:
         base = min(self.maximum_s, self.initial_s * self.multiplier ** max(0, failures - 1))
@@ -114,13 +119,13 @@ class IngestState:
         options: pb.IngestRequest,
         *,
         window: int = 256,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         backoff: Backoff = Backoff(),
         progress: Progress | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        if max_attempts < 1:
+        if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.options = options
         self.window = window
@@ -133,6 +138,7 @@ class IngestState:
         self.source_done = False
         self.source_error: BaseException | None = None
         self._failures_in_a_row = 0
+        self._waited_s = 0.0  # backoff since the last ack
         self._next_seq = 0
         self._current: Attempt | None = None
         self._resend: collections.deque[int] = collections.deque()
@@ -232,6 +238,7 @@ class IngestState:
             if self.pending.pop(ack.seq, None) is None:
                 return None
             self._failures_in_a_row = 0
+            self._waited_s = 0.0
         return self._record(ingest_result(ack))
 
     def local_results(self) -> list[IngestResult]:
@@ -270,13 +277,19 @@ class IngestState:
             if not resumable(error):
                 raise error
             self._failures_in_a_row += 1
-            if self._failures_in_a_row >= self.max_attempts:
+            delay = self.backoff.delay(self._failures_in_a_row)
+            out_of_attempts = (
+                self.max_attempts is not None and self._failures_in_a_row >= self.max_attempts
+            )
+            if out_of_attempts or self._waited_s + delay > self.backoff.give_up_s:
                 raise type(error)(
                     f"ingest gave up after {self._failures_in_a_row} attempts without progress "
-                    f"({len(self.pending)} items unacknowledged): {error.message}",
+                    f"in {self._waited_s:.0f} s ({len(self.pending)} items unacknowledged): "
+                    f"{error.message}",
                     error.code,
                 )
-            return self.backoff.delay(self._failures_in_a_row)
+            self._waited_s += delay
+            return delay
 
     def close(self) -> None:
         if self.progress is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from clipsearch.client import convert
 from clipsearch.client.base import ClientBase, Drain, Plan, Sleep, blocking, ingest_state, unary
 from clipsearch.client.errors import ClipsearchError, InvalidArgument, Unavailable
+from clipsearch.client.ingest import Backoff
 from clipsearch.client.profile import Profile, Sample
 from clipsearch.client.sources import open_source
 from clipsearch.client.types import (
@@ -222,14 +223,16 @@ def ingest_path(
     model: str | None = None,
     progress: bool = True,
     window: int = 256,
-    max_attempts: int = 5,
+    max_attempts: int | None = None,
+    backoff: Backoff | None = None,
 ) -> Plan[IngestSummary]:
     """Ingest a directory of images, a CSV or JSONL manifest, or one image file.
 
     See `clipsearch.client.sources` for the manifest columns; `caption_field` names the
     caption column (default "caption"). `model`: the served model of a collection created
     here (default: the server's default); an existing collection must have been built with
-    it. Returns the counts and each failure's reason.
+    it. Returns the counts and each failure's reason. A broken stream is resumed as
+    `Client.ingest` does (`backoff`, `max_attempts`).
     """
     source = open_source(path, caption_field=caption_field)
     total = (yield from blocking(lambda: source.total)) if progress else None
@@ -243,7 +246,7 @@ def ingest_path(
         total=total,
         window=window,
         max_attempts=max_attempts,
-        backoff=None,
+        backoff=backoff,
     )
     summary: IngestSummary = yield Drain(state, source, timeout=None)
     return summary

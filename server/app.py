@@ -1,9 +1,13 @@
 """Assembling and running the server.
 
 Start-up binds the port first and answers health checks NOT_SERVING while the models load
-and warm up (so orchestrators see a live but unready process), then SERVING. On SIGINT or
-SIGTERM health goes NOT_SERVING, calls in flight get `grace_period_s` to finish, then the
-batchers, writers and store close.
+and warm up (so orchestrators see a live but unready process), then SERVING. While serving,
+a probe of the vector store every `store_probe_s` turns health NOT_SERVING while the store is
+unreachable or out of disk, and SERVING again by itself once it answers (as
+text-embeddings-inference ties health to its backend). On SIGINT or SIGTERM health goes
+NOT_SERVING and the server drains: ingest streams take no new items, finish what they hold
+and end UNAVAILABLE (the client resumes elsewhere or after the restart); calls in flight get
+`grace_period_s` to finish, then the batchers, writers and store close.
 
 Several models may be served (`--model NAME=DIR`, repeated; the first is the default): each
 gets its own backend, tokenizer, preprocessor and batchers. They load one after another so
@@ -37,7 +41,7 @@ from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.bundle import Bundle, Manifest, default_bundle_path, load_bundle
 from clipsearch.server.catalog import Catalog, ModelRef
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
-from clipsearch.server.errors import ConfigurationError, Unavailable
+from clipsearch.server.errors import ClipsearchError, ConfigurationError, Unavailable
 from clipsearch.server.fake import FakeBackend
 from clipsearch.server.ingest import CollectionWriters
 from clipsearch.server.interceptors import (
@@ -249,6 +253,8 @@ class ClipSearchServer:
         self._owned_provider: Any = None
         tracer = self._tracer(settings)
         self.telemetry: Telemetry | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self.store_healthy = True
         interceptors: list[Interceptor] = [ErrorInterceptor()]
         if self._token:
             interceptors.insert(0, AuthInterceptor(self._token))
@@ -407,6 +413,7 @@ class ClipSearchServer:
                     batch=settings.ingest_write_batch,
                     wait_ms=settings.ingest_write_wait_ms,
                     max_queue=settings.max_queue,
+                    retry_s=settings.store_retry_s,
                 ),
                 info=info_message(
                     default.bundle.manifest,
@@ -427,6 +434,8 @@ class ClipSearchServer:
             return
         for service in ("", SERVICE_NAME):
             await self.health.set(service, SERVING)
+        if settings.store_probe_s > 0:
+            self._probe_task = asyncio.create_task(self._probe_store(store))
         for m in loaded:
             log.info(
                 "serving %s%s on %s (%s, text on %s; %.0f MiB, %.2f s to load and warm up)",
@@ -455,6 +464,30 @@ class ClipSearchServer:
             },
         )
 
+    async def _probe_store(self, store: AsyncStore) -> None:
+        """Health follows the store: NOT_SERVING while its probe fails, SERVING once it
+        passes again (the probe also loads collections a restarted Milvus released)."""
+        while True:
+            await asyncio.sleep(self.settings.store_probe_s)
+            try:
+                await store.check_health()
+            except ClipsearchError as exc:
+                problem = str(exc)
+            except Exception as exc:  # a bug in the probe must not end the probing
+                log.exception("the vector store probe failed")
+                problem = type(exc).__name__
+            else:
+                problem = ""
+            if bool(problem) == (not self.store_healthy):
+                continue
+            self.store_healthy = not problem
+            if problem:
+                log.warning("vector store unhealthy (%s): health NOT_SERVING", problem)
+            else:
+                log.info("vector store healthy again: health SERVING")
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, NOT_SERVING if problem else SERVING)
+
     async def wait_ready(self) -> None:
         """Wait until SERVING; raises the start-up error if warming up failed."""
         await self._ready.wait()
@@ -462,7 +495,12 @@ class ClipSearchServer:
             raise self.startup_error
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
+        if self.service.runtime is not None:
+            self.service.runtime.writers.drain()
         grace = self.settings.grace_period_s if grace is None else grace
         await self.grpc_server.stop(grace)
         if self._warm_task is not None and not self._warm_task.done():

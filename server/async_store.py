@@ -4,25 +4,65 @@ pymilvus is synchronous: every call runs in a small dedicated thread pool, which
 how many requests hit Milvus at once. Each call returns its result and the microseconds it
 took, for the Timing of the response, and tells `on_call` (metrics) of every call: the
 operation, its seconds, and the exception it raised, if any.
+
+`retry_unavailable` is the store's one retry policy: while the store is unreachable a write
+is tried again with exponential backoff for a bounded time (`store_retry_s`), then its
+Unavailable goes up (ingest ends the stream and the client resumes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
 
+from clipsearch.server.errors import Unavailable
 from clipsearch.server.store import CollectionInfo, StoredItem, StoreHit, Target, VectorStore
 
 T = TypeVar("T")
 
 # operation (the VectorStore method's name), seconds, the exception raised or None.
 StoreHook = Callable[[str, float, BaseException | None], None]
+
+log = logging.getLogger(__name__)
+
+RETRY_INITIAL_S = 0.1
+RETRY_MAX_S = 2.0
+
+
+async def retry_unavailable(
+    call: Callable[[], Awaitable[T]],
+    within_s: float,
+    what: str,
+    stop: Callable[[], bool] = lambda: False,
+) -> T:
+    """`call()`, tried again with exponential backoff (0.1 s doubling to 2 s) while it raises
+    Unavailable, for at most `within_s` seconds or until `stop()`; then its last error."""
+    deadline = time.monotonic() + within_s
+    delay = RETRY_INITIAL_S
+    failures = 0
+    while True:
+        try:
+            result = await call()
+        except Unavailable as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop():
+                raise
+            failures += 1
+            if failures == 1:
+                log.warning("%s: %s; retrying for up to %.0f s", what, exc, remaining)
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        if failures:
+            log.info("%s: succeeded after %d retries", what, failures)
+        return result
 
 
 class AsyncStore:
@@ -105,6 +145,12 @@ class AsyncStore:
 
     async def list_collections(self) -> tuple[list[CollectionInfo], int]:
         return await self._call(self.store.list_collections)
+
+    async def check_health(self) -> None:
+        """The store's own probe where it has one (`MilvusStore.check_health`)."""
+        check: Callable[[], None] | None = getattr(self.store, "check_health", None)
+        if check is not None:
+            await self._call(check)
 
     async def close(self) -> None:
         await self._call(self.store.close)

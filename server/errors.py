@@ -109,6 +109,12 @@ class Unavailable(ClipsearchError):
     code = ErrorCode.UNAVAILABLE
 
 
+class StorageFull(ClipsearchError):
+    """The vector store has no disk space left: writes fail until space is freed."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
 class Unauthenticated(ClipsearchError):
     code = ErrorCode.UNAUTHENTICATED
 

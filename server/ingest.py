@@ -9,6 +9,13 @@ them to the store. Only valid items join a shared commit, so one stream's bad it
 fails another's. An item is OK only after its upsert returned; a bad item is FAILED with
 the reason and the stream goes on.
 
+FAILED means "not written". An item whose write may or may not have happened, or could not
+happen for a reason of the store's (unreachable after `store_retry_s` of retries, a write
+applied in part, a full disk), is never acked: the stream ends with that error (UNAVAILABLE,
+or RESOURCE_EXHAUSTED for a full disk) and the client's resume sends it again (an upsert by
+id is idempotent). While the server drains (SIGTERM), streams take no new items: each
+finishes what it holds, then ends UNAVAILABLE.
+
 Transport-free: the service turns requests into `IngestItem`s and `ItemOutcome`s into acks.
 """
 
@@ -21,25 +28,36 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar, cast
 
 import numpy as np
 
-from clipsearch.server.async_store import AsyncStore
+from clipsearch.server.async_store import AsyncStore, retry_unavailable
 from clipsearch.server.batcher import Priority
 from clipsearch.server.errors import (
     ClipsearchError,
     ErrorCode,
     InvalidInput,
     Overloaded,
+    StorageFull,
     Unavailable,
 )
 from clipsearch.server.group_commit import CommitTiming, GroupCommit
-from clipsearch.server.pipeline import Encoded, EncodingPipeline, StageTiming
+from clipsearch.server.pipeline import EncodingPipeline, StageTiming
 from clipsearch.server.store import StoredItem, validation
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 OVERLOAD_PATIENCE_S = 60.0
+DEFAULT_STORE_RETRY_S = 30.0
+
+
+def ends_the_stream(error: ClipsearchError) -> bool:
+    """Errors after which an item's outcome is unknown or the store cannot take it: the item
+    is not acked and the stream ends with the error, for the client to resume."""
+    return isinstance(error, (Unavailable, StorageFull))
 
 
 @dataclass(frozen=True)
@@ -121,13 +139,30 @@ class CollectionWriters:
     """One group commit per collection, shared by all ingest streams, through the store's
     one executor (`AsyncStore`)."""
 
-    def __init__(self, store: AsyncStore, batch: int, wait_ms: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        store: AsyncStore,
+        batch: int,
+        wait_ms: float,
+        max_queue: int,
+        retry_s: float = DEFAULT_STORE_RETRY_S,
+    ) -> None:
         self._store = store
         self._batch = batch
         self._wait_ms = wait_ms
         self._max_queue = max_queue
+        self.retry_s = retry_s
         self._writers: dict[str, GroupCommit[StoredItem]] = {}
         self._closed = False
+        self.draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Ingest streams take no new items from now on (the server is stopping)."""
+        self.draining.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def write(self, collection: str, item: StoredItem) -> CommitTiming:
         """Upsert one checked item in the collection's next group commit."""
@@ -137,7 +172,12 @@ class CollectionWriters:
         if writer is None:
 
             async def upsert(items: list[StoredItem]) -> None:
-                await self._store.upsert(collection, items)
+                await retry_unavailable(
+                    lambda: self._store.upsert(collection, items),
+                    self.retry_s,
+                    f"writing {len(items)} items to {collection}",
+                    stop=lambda: self._closed,
+                )
 
             writer = GroupCommit(
                 f"write:{collection}",
@@ -148,7 +188,7 @@ class CollectionWriters:
             )
             await writer.start()
             self._writers[collection] = writer
-        return await writer.write(item)
+        return await _patiently(lambda: writer.write(item))
 
     async def discard(self, collection: str) -> None:
         """Stop a dropped collection's writer."""
@@ -186,21 +226,33 @@ class IngestSession:
         slots = asyncio.Semaphore(self.window)
         tasks: set[asyncio.Task[None]] = set()
 
+        draining = self.writers.draining
+
         async def process(item: IngestItem) -> None:
             try:
                 await outcomes.put(await self._ingest_one(item))
+            except ClipsearchError as exc:  # not acked: the stream ends with it
+                await outcomes.put(exc)
             finally:
                 slots.release()
 
         async def read() -> None:
             try:
-                async for item in items:
+                source = aiter(items)
+                while (item := await _next_unless(source, draining)) is not None:
                     await slots.acquire()
+                    if draining.is_set():  # an item read as the drain began: never acked
+                        break
                     task = asyncio.create_task(process(item))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks)
+                if draining.is_set():
+                    raise Unavailable(
+                        "the server is shutting down; resume the stream to send the items "
+                        "not yet acknowledged"
+                    )
                 await outcomes.put(None)
             except BaseException as exc:  # stream broken or protocol error: end the stream
                 await outcomes.put(exc)
@@ -260,7 +312,12 @@ class IngestSession:
             fields = checked_fields(item)
             item_id = fields.id
             if self.skip_existing:
-                existing, check_us = await self.store.existing_ids(self.collection, [item_id])
+                existing, check_us = await retry_unavailable(
+                    lambda: self.store.existing_ids(self.collection, [item_id]),
+                    self.writers.retry_s,
+                    f"checking ids in {self.collection}",
+                    stop=lambda: self.writers.closed,
+                )
                 store_us += check_us
                 if item_id in existing:
                     return outcome(IngestStatus.SKIPPED)
@@ -273,6 +330,8 @@ class IngestSession:
             store_us += committed.store_us
             return outcome(IngestStatus.OK)
         except ClipsearchError as exc:
+            if ends_the_stream(exc):
+                raise
             return outcome(IngestStatus.FAILED, exc)
         except Exception:
             log.exception("ingest of item seq=%d failed unexpectedly", item.seq)
@@ -299,7 +358,32 @@ class IngestSession:
         return image.vectors[0], caption.vectors[0], preprocess_us, timing, caption.truncated[0]
 
 
-async def _patiently(submit: Callable[[], Awaitable[Encoded]]) -> Encoded:
+_END = object()
+
+
+async def _next_unless(source: AsyncIterator[IngestItem], stop: asyncio.Event) -> IngestItem | None:
+    """The next item of `source`; None at its end or once `stop` is set (then an item that
+    arrives meanwhile is left unread)."""
+    if stop.is_set():
+        return None
+    reading: asyncio.Future[object] = asyncio.ensure_future(anext(source, _END))
+    stopping: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not reading.done():
+            reading.cancel()
+    if not reading.done() or reading.cancelled():
+        return None
+    if stop.is_set():
+        reading.exception()  # retrieved: the stream ends with the drain's error instead
+        return None
+    item = reading.result()
+    return None if item is _END else cast(IngestItem, item)
+
+
+async def _patiently(submit: Callable[[], Awaitable[T]]) -> T:
     """Bulk work waits for queue room instead of failing: other streams will drain it."""
     deadline = time.monotonic() + OVERLOAD_PATIENCE_S
     delay = 0.005

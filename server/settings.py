@@ -179,6 +179,19 @@ class Settings:
         "first served; for comparisons)",
     )
 
+    # --- store faults and health
+    store_retry_s: float = _setting(
+        30.0,
+        "while the vector store is unreachable, ingest holds a write and retries it this long "
+        "(exponential backoff), then ends the stream UNAVAILABLE for the client to resume",
+    )
+    store_probe_s: float = _setting(
+        5.0,
+        "seconds between health probes of the vector store: health is NOT_SERVING while it is "
+        "unreachable or out of disk, SERVING again once it answers and its collections are "
+        "loaded (0: no probe)",
+    )
+
     log_level: str = _setting("info", "logging level", ("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -201,6 +214,8 @@ class Settings:
         if self.metrics_port and self.metrics_port == self.port:
             problems.append(f"metrics_port={self.metrics_port} is the gRPC port")
         problems += self._model_problems()
+        faults = ("store_retry_s", "store_probe_s")
+        problems += [f"{n} must be >= 0" for n in faults if getattr(self, n) < 0]
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")

@@ -78,7 +78,7 @@ def test_collections_survive_restarts_of_clipsearch_and_milvus(tmp_path: Path) -
         # Both stop; Milvus comes back on the same data directory, then clipsearch.
         assert milvus.stop() == 0
         # Recovery (reloading what was loaded) can take 25-30 s, minutes on a loaded machine.
-        milvus.start(timeout_s=RESTART_TIMEOUT_S)
+        milvus.start(timeout_s=RESTART_TIMEOUT_S, new_port=True)
         settings = settings.replace(milvus_uri=milvus.uri)  # same data, fresh ports
         with ThreadedServer(settings) as server, Client(server.address) as client:
             names = ["photos", "photos__captions", "empty", "empty__captions"]

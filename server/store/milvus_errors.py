@@ -8,6 +8,7 @@ errors under 65535 with "cannot parse expression".
 
 from __future__ import annotations
 
+import errno
 import re
 
 import grpc
@@ -23,6 +24,7 @@ from clipsearch.server.errors import (
     InvalidFilter,
     InvalidInput,
     NotFound,
+    StorageFull,
     Unavailable,
 )
 
@@ -33,7 +35,20 @@ CODE_LITE_ILLEGAL_ARGUMENT = 6
 _UNAVAILABLE_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 _FILTER_HINTS = ("cannot parse expression", "failed to create query plan")
 _LITE_FILTER_HINT = " at column "
-_TIMEOUT_HINTS = ("timeout", "deadline exceeded", "retry run out")
+_TIMEOUT_HINTS = (
+    "timeout",
+    "deadline exceeded",
+    "retry run out",
+    "connection reset",
+    "connection refused",
+    "connection aborted",
+    "broken pipe",
+    "socket closed",
+    "server unavailable",
+    "failed to connect",
+    "fail connecting",
+)
+_DISK_FULL_HINTS = ("no space left on device", "[errno 28]", "enospc", "disk quota exceeded")
 _PLAN_PREFIX = re.compile(r"^failed to create query plan: (cannot parse expression: )?")
 
 
@@ -68,6 +83,13 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = message_of(exc).lower()
+    return any(h in text for h in _DISK_FULL_HINTS)
+
+
 def is_filter_error(exc: BaseException) -> bool:
     if not isinstance(exc, MilvusException):
         return False
@@ -80,6 +102,11 @@ def translate(exc: BaseException, collection: str = "", filter: str = "") -> Cli
     """The domain error for a failed Milvus call on `collection` with `filter`."""
     if isinstance(exc, ClipsearchError):
         return exc
+    if is_disk_full(exc):
+        return StorageFull(
+            "vector store disk full (no space left on device): nothing of this write is "
+            "acknowledged; free disk space, then resume"
+        )
     if is_unavailable(exc):
         return Unavailable(f"vector store unavailable: {message_of(exc)}")
     if collection and is_collection_not_found(exc):
