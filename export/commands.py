@@ -67,6 +67,13 @@ def _register_train_demo(commands: Any) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
+        "--architecture",
+        choices=("clip", "chinese_clip"),
+        default=None,
+        help="clip: CLIPModel + byte-level BPE (server/models/demo, the default); "
+        "chinese_clip: ChineseCLIPModel, BERT text tower + WordPiece (server/models/demo-zh)",
+    )
+    p.add_argument(
         "--steps",
         type=int,
         default=None,
