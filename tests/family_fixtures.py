@@ -1,0 +1,87 @@
+"""Tiny random checkpoints of every model family, with tokenizers built in the test.
+
+No model hub is reachable: each builder makes a random-initialised model of the family's
+architecture (hidden 32, 2 layers per tower, 32 px images), saves it in the family's own
+checkpoint layout with a tokenizer and an image processor config, and returns the directory.
+Built once per test session (see export_fixtures._once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from export_fixtures import _once
+
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+VISION = {**TOWER, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+PROJECTION = 16
+
+# Texts the SentencePiece models learn from: English, Chinese (by character) and digits.
+SP_CORPUS = [
+    "a photo of a cat",
+    "a red circle and a blue square on a white background",
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, mixed text and english words 123 456 789",
+    "price tag and prices, brackets and punctuation, emoji and stuff",
+    "红色的圆形和蓝色的正方形",
+    "一只黑色的狗在绿色的草地上奔跑",
+    "你好世界, 混合文字和英语",
+    "图片里有一个黄色的五角星",
+] * 20
+
+
+def chinese_clip_checkpoint(factory: pytest.TempPathFactory) -> Path:
+    """ChineseCLIPModel + a WordPiece vocabulary (English words, Chinese characters)."""
+
+    def build(root: Path) -> Path:
+        import torch
+        from transformers import (
+            ChineseCLIPConfig,
+            ChineseCLIPImageProcessorPil,
+            ChineseCLIPModel,
+        )
+
+        from clipsearch.export.demo_wordpiece import build_demo_wordpiece_tokenizer
+
+        out = root / "tiny-chinese-clip"
+        tokenizer = build_demo_wordpiece_tokenizer()
+        text = {
+            **TOWER,
+            "num_attention_heads": 4,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 52,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        config = ChineseCLIPConfig(
+            text_config=text,
+            vision_config={**VISION, "projection_dim": PROJECTION},
+            projection_dim=PROJECTION,
+        )
+        torch.manual_seed(0)
+        model: Any = ChineseCLIPModel(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        # As OFA-Sys/chinese-clip-vit-base-patch16 ships it: straight to 32x32, no crop.
+        ChineseCLIPImageProcessorPil(
+            size={"height": 32, "width": 32}, do_center_crop=False
+        ).save_pretrained(out)
+        return out
+
+    result: Path = _once("chinese_clip_checkpoint", factory, build)
+    return result
+
+
+def exported(factory: pytest.TempPathFactory, key: str, checkpoint: Path, **kwargs: Any) -> Path:
+    """The checkpoint exported as fp32 + int8 (the exporter has checked parity)."""
+
+    def build(root: Path) -> Path:
+        from clipsearch.export.exporter import export_bundle
+
+        out = root / "bundle"
+        export_bundle(checkpoint, out, precisions=("fp32", "int8"), progress=lambda _: None, **kwargs)
+        return out
+
+    result: Path = _once("bundle-" + key, factory, build)
+    return result

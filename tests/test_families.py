@@ -1,0 +1,162 @@
+"""Model families, offline: tiny random checkpoints of each architecture exported and checked.
+
+Per family: the export passes its parity gate (through the server's tokenizer and image
+preprocessing); the server's text feeds equal the family's own tokenizer on English, Chinese,
+mixed and long texts; its image tensors equal the family's own image processor on the image
+matrix of CLIP's preprocessing tests; the served vectors equal PyTorch's on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import family_fixtures
+import numpy as np
+import pytest
+from image_fixtures import encode, pattern
+from PIL import Image
+from test_image_preprocessing import CASES
+
+from clipsearch.server.bundle import PARITY_BARS, Bundle, load_bundle
+from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
+from clipsearch.server.errors import InvalidInput
+from clipsearch.server.images import ImagePreprocessor
+from clipsearch.server.text import TextTokenizer
+
+torch = pytest.importorskip("torch", reason="export needs the [export] extra")
+transformers = pytest.importorskip("transformers", reason="export needs the [export] extra")
+
+TEXTS = [
+    "a photo of a cat",
+    "The Quick Brown Fox!",
+    "红色的圆形",
+    "一只黑色的狗在绿色的草地上奔跑",
+    "Hello 世界, mixed 文字 and English 123",
+    "",
+    "a red star " * 40,  # past every context length here
+    "红色" * 80,
+]
+
+
+def family_images() -> list[Image.Image]:
+    return [pattern(size, mode, seed) for seed, (mode, size) in enumerate(CASES)]
+
+
+def assert_feeds_equal(bundle: Bundle, reference: dict[str, Any], texts: Sequence[str]) -> None:
+    tokenizer = TextTokenizer.from_bundle(bundle)
+    ours = tokenizer.pad(tokenizer.tokenize(texts))
+    assert list(ours) == list(bundle.manifest.text.inputs)
+    for name, mine in ours.items():
+        np.testing.assert_array_equal(mine, reference[name].numpy(), err_msg=name)
+
+
+def assert_pixels_equal(bundle: Bundle, processor: Any, atol: float = 1e-6) -> None:
+    ours = ImagePreprocessor.from_bundle(bundle, fast_jpeg=False)
+    worst = 0.0
+    for image in family_images():
+        theirs = processor(image, return_tensors="np")["pixel_values"][0]
+        mine = ours.from_image(image)
+        assert mine.shape == theirs.shape
+        worst = max(worst, float(np.abs(mine - theirs).max()))
+    assert worst <= atol
+
+
+def assert_parity_recorded(bundle: Bundle) -> None:
+    for precision, variant in bundle.manifest.variants.items():
+        assert variant.text_parity.min_cosine >= PARITY_BARS[precision]
+        assert variant.vision_parity.min_cosine >= PARITY_BARS[precision]
+        assert variant.text_parity.n_inputs == 12 and variant.vision_parity.n_inputs == 9
+
+
+def served(bundle: Bundle) -> OnnxEncoder:
+    return OnnxEncoder(bundle, EncoderOptions(warmup=False))
+
+
+def fresh_images() -> list[bytes]:
+    return [
+        encode(pattern((64, 40), "RGB", 31), "PNG"),
+        encode(pattern((33, 90), "L", 32), "PNG"),
+        encode(pattern((50, 50), "RGB", 33), "PNG"),
+    ]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    out: np.ndarray = np.sum(a * b, axis=1)
+    return out
+
+
+# --- Chinese-CLIP ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chinese_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
+    checkpoint = family_fixtures.chinese_clip_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "chinese-clip", checkpoint)
+    return checkpoint, load_bundle(bundle)
+
+
+def test_chinese_clip_manifest_lists_bert_inputs_and_the_squash_rule(
+    chinese_clip: tuple[Path, Bundle],
+) -> None:
+    _, bundle = chinese_clip
+    manifest = bundle.manifest
+    assert manifest.family == "chinese-clip"
+    assert manifest.text.inputs == ("input_ids", "attention_mask", "token_type_ids")
+    assert (manifest.text.bos_id, manifest.text.eos_id, manifest.text.pad_id) == (2, 3, 0)
+    assert manifest.text.context_length == 52
+    assert (manifest.vision.resize, manifest.vision.crop) == ("squash", "none")
+    assert manifest.dim == family_fixtures.PROJECTION
+    assert_parity_recorded(bundle)
+
+
+def test_chinese_clip_tokenization_equals_bert_tokenizer(chinese_clip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = chinese_clip
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    reference = hf(TEXTS, padding="longest", truncation=True, max_length=52, return_tensors="pt")
+    assert_feeds_equal(bundle, reference, TEXTS)
+    flags = [t.truncated for t in TextTokenizer.from_bundle(bundle).tokenize(TEXTS)]
+    assert flags == [False] * 6 + [True, True]
+
+
+def test_chinese_clip_pixels_equal_its_image_processor(chinese_clip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = chinese_clip
+    assert_pixels_equal(
+        bundle, transformers.ChineseCLIPImageProcessorPil.from_pretrained(checkpoint)
+    )
+
+
+def test_chinese_clip_served_vectors_equal_pytorch(chinese_clip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = chinese_clip
+    model = transformers.ChineseCLIPModel.from_pretrained(checkpoint).eval()
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    processor = transformers.ChineseCLIPImageProcessorPil.from_pretrained(checkpoint)
+    texts = ["一个蓝色的三角形", "a green square", "蓝色 blue 方块"]
+    with torch.no_grad():
+        tokens = hf(texts, padding=True, return_tensors="pt")
+        # what forward() computes: text_projection(last_hidden_state[:, 0])
+        state = model.text_model(**tokens).last_hidden_state
+        text = model.text_projection(state[:, 0]).numpy()
+        pixels = processor([Image.open(io.BytesIO(b)) for b in fresh_images()], return_tensors="pt")
+        image = model.get_image_features(**pixels).pooler_output.numpy()
+    encoder = served(bundle)
+    assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
+    pre = [encoder.preprocessor(b) for b in fresh_images()]
+    assert cosines(encoder.encode_images(pre), image).min() >= 0.9999
+
+
+# --- long texts -----------------------------------------------------------------------------
+
+
+def test_strict_text_length_refuses_instead_of_truncating(chinese_clip: tuple[Path, Bundle]) -> None:
+    _, bundle = chinese_clip
+    strict = TextTokenizer.from_bundle(bundle, strict=True)
+    assert [len(t.ids) for t in strict.tokenize(["红色的圆形"])] == [7]
+    with pytest.raises(InvalidInput, match=r"text 1 is 122 tokens long, over the model's context of 52"):
+        strict.tokenize(["ok", "a red star " * 40])
+    exactly = "红" * 50  # 50 + [CLS] + [SEP] = the context: kept whole
+    assert not strict.tokenize([exactly])[0].truncated
