@@ -85,3 +85,65 @@ def exported(factory: pytest.TempPathFactory, key: str, checkpoint: Path, **kwar
 
     result: Path = _once("bundle-" + key, factory, build)
     return result
+
+
+def sentencepiece_model(root: Path, vocab_size: int = 120) -> Path:
+    """A small SentencePiece Unigram model trained in-process on SP_CORPUS."""
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        bos_id=-1,
+        pad_id=-1,
+        eos_id=1,
+        unk_id=2,
+        minloglevel=2,
+    )
+    path = root / "spiece.model"
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def siglip_checkpoint(factory: pytest.TempPathFactory) -> Path:
+    """SiglipModel + SiglipTokenizer on a SentencePiece model trained in the test."""
+
+    def build(root: Path) -> Path:
+        import torch
+        from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+
+        out = root / "tiny-siglip"
+        out.mkdir()
+        tokenizer = SiglipTokenizer(vocab_file=str(sentencepiece_model(root)))
+        text = {
+            **TOWER,
+            "num_attention_heads": 4,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 64,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": None,
+        }
+        config = SiglipConfig(text_config=text, vision_config=VISION)
+        torch.manual_seed(0)
+        model: Any = SiglipModel(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        # As google/siglip-base-patch16-224 ships it (at 32 px): a square resize, mean/std 0.5.
+        SiglipImageProcessorPil(
+            size={"height": 32, "width": 32},
+            resample=2,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        ).save_pretrained(out)
+        return out
+
+    result: Path = _once("siglip_checkpoint", factory, build)
+    return result

@@ -160,3 +160,74 @@ def test_strict_text_length_refuses_instead_of_truncating(chinese_clip: tuple[Pa
         strict.tokenize(["ok", "a red star " * 40])
     exactly = "红" * 50  # 50 + [CLS] + [SEP] = the context: kept whole
     assert not strict.tokenize([exactly])[0].truncated
+
+
+# --- SigLIP ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def siglip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
+    checkpoint = family_fixtures.siglip_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "siglip", checkpoint)
+    return checkpoint, load_bundle(bundle)
+
+
+def test_siglip_manifest_fixed_length_text_and_square_resize(siglip: tuple[Path, Bundle]) -> None:
+    _, bundle = siglip
+    manifest = bundle.manifest
+    assert manifest.family == "siglip"
+    assert manifest.text.inputs == ("input_ids",)
+    assert (manifest.text.bos_id, manifest.text.padding, manifest.text.context_length) == (
+        None,
+        "max_length",
+        64,
+    )
+    assert (manifest.vision.resize, manifest.vision.crop, manifest.vision.resample) == (
+        "squash",
+        "none",
+        "bilinear",
+    )
+    assert manifest.vision.mean == (0.5, 0.5, 0.5) and manifest.vision.std == (0.5, 0.5, 0.5)
+    assert_parity_recorded(bundle)
+
+
+SIGLIP_EXTRA = [
+    "  leading and trailing  ",
+    "multiple   spaces\there",
+    "UPPER lower MiXeD, with: punctuation!?",
+    "emoji 🐱🚀 & more",
+    "   \t\n  ",
+]
+
+
+def test_siglip_tokenization_equals_siglip_tokenizer(siglip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = siglip
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    assert type(hf).__name__ == "SiglipTokenizer"
+    texts = TEXTS + SIGLIP_EXTRA
+    reference = hf(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    assert_feeds_equal(bundle, reference, texts)
+    feeds = TextTokenizer.from_bundle(bundle).pad(TextTokenizer.from_bundle(bundle).tokenize(["a"]))
+    assert feeds["input_ids"].shape == (1, 64)  # fixed length even for one short text
+
+
+def test_siglip_pixels_equal_its_image_processor(siglip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = siglip
+    assert_pixels_equal(bundle, transformers.SiglipImageProcessorPil.from_pretrained(checkpoint))
+
+
+def test_siglip_served_vectors_equal_pytorch(siglip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = siglip
+    model = transformers.SiglipModel.from_pretrained(checkpoint).eval()
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    processor = transformers.SiglipImageProcessorPil.from_pretrained(checkpoint)
+    texts = ["a blue triangle", "蓝色的正方形", "mixed 文字"]
+    with torch.no_grad():
+        tokens = hf(texts, padding="max_length", max_length=64, return_tensors="pt")
+        text = model.get_text_features(input_ids=tokens["input_ids"]).pooler_output.numpy()
+        pixels = processor([Image.open(io.BytesIO(b)) for b in fresh_images()], return_tensors="pt")
+        image = model.get_image_features(**pixels).pooler_output.numpy()
+    encoder = served(bundle)
+    assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
+    pre = [encoder.preprocessor(b) for b in fresh_images()]
+    assert cosines(encoder.encode_images(pre), image).min() >= 0.9999
