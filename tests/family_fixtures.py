@@ -147,3 +147,71 @@ def siglip_checkpoint(factory: pytest.TempPathFactory) -> Path:
 
     result: Path = _once("siglip_checkpoint", factory, build)
     return result
+
+
+def multilingual_text_checkpoint(factory: pytest.TempPathFactory) -> Path:
+    """A sentence-transformers directory as clip-ViT-B-32-multilingual-v1 lays it out:
+    DistilBERT (cased WordPiece) -> mean Pooling -> Dense(32 -> 16, no bias, identity)."""
+
+    def build(root: Path) -> Path:
+        import json
+
+        import torch
+        from safetensors.torch import save_file
+        from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
+
+        from clipsearch.export.demo_wordpiece import build_vocab
+
+        out = root / "tiny-multilingual"
+        tokenizer = DistilBertTokenizer(
+            vocab=build_vocab(), do_lower_case=False, tokenize_chinese_chars=True
+        )
+        config = DistilBertConfig(
+            vocab_size=len(tokenizer),
+            dim=32,
+            hidden_dim=64,
+            n_layers=2,
+            n_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        model: Any = DistilBertModel(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        write = lambda name, value: (out / name).write_text(json.dumps(value))  # noqa: E731
+        write(
+            "modules.json",
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+            ],
+        )
+        write("sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": False})
+        (out / "1_Pooling").mkdir()
+        write(
+            "1_Pooling/config.json",
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            },
+        )
+        (out / "2_Dense").mkdir()
+        write(
+            "2_Dense/config.json",
+            {
+                "in_features": 32,
+                "out_features": PROJECTION,
+                "bias": False,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            },
+        )
+        save_file({"linear.weight": torch.randn(PROJECTION, 32) * 0.2}, out / "2_Dense/model.safetensors")
+        return out
+
+    result: Path = _once("multilingual_text_checkpoint", factory, build)
+    return result

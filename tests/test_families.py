@@ -231,3 +231,68 @@ def test_siglip_served_vectors_equal_pytorch(siglip: tuple[Path, Bundle]) -> Non
     assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
     pre = [encoder.preprocessor(b) for b in fresh_images()]
     assert cosines(encoder.encode_images(pre), image).min() >= 0.9999
+
+
+# --- multilingual text tower + CLIP vision tower --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def multilingual(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Bundle]:
+    import export_fixtures
+
+    text = family_fixtures.multilingual_text_checkpoint(tmp_path_factory)
+    vision = export_fixtures.tiny_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "multilingual", text, vision=vision)
+    return text, vision, load_bundle(bundle)
+
+
+def test_multilingual_manifest_records_both_sources(
+    multilingual: tuple[Path, Path, Bundle],
+) -> None:
+    text, vision, bundle = multilingual
+    manifest = bundle.manifest
+    assert manifest.family == "multilingual-clip"
+    assert manifest.sources == {"text": str(text), "vision": str(vision)}
+    assert manifest.source == f"text: {text}; vision: {vision}"
+    assert manifest.text.inputs == ("input_ids", "attention_mask")  # DistilBERT: no types
+    assert (manifest.vision.resize, manifest.vision.crop) == ("shortest_edge", "center")
+    assert manifest.text.context_length == 128
+    assert_parity_recorded(bundle)
+
+
+def test_multilingual_tokenization_equals_distilbert_tokenizer(
+    multilingual: tuple[Path, Path, Bundle],
+) -> None:
+    text, _, bundle = multilingual
+    hf = transformers.AutoTokenizer.from_pretrained(text)
+    texts = [*TEXTS, "Quick BROWN fox"]  # cased vocabulary: "Quick" is not "quick"
+    reference = hf(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    assert_feeds_equal(bundle, {k: reference[k] for k in ("input_ids", "attention_mask")}, texts)
+
+
+def test_multilingual_served_vectors_are_mean_pooled_and_projected(
+    multilingual: tuple[Path, Path, Bundle],
+) -> None:
+    from safetensors.torch import load_file
+
+    text, _, bundle = multilingual
+    model = transformers.AutoModel.from_pretrained(text).eval()
+    hf = transformers.AutoTokenizer.from_pretrained(text)
+    weight = load_file(str(text / "2_Dense" / "model.safetensors"))["linear.weight"]
+    texts = ["a blue triangle", "蓝色的正方形", "mixed 文字 words", "x"]
+    with torch.no_grad():
+        tokens = hf(texts, padding=True, return_tensors="pt")
+        state = model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        expected = (((state * mask).sum(1) / mask.sum(1)) @ weight.T).numpy()
+    assert cosines(served(bundle).encode_text(texts), expected).min() >= 0.9999
+
+
+def test_a_sentence_transformers_model_alone_is_refused_with_the_pairing_hint(
+    multilingual: tuple[Path, Path, Bundle], tmp_path: Path
+) -> None:
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    text, _, _ = multilingual
+    with pytest.raises(ExportError, match=r"--text .* --vision CLIP_CHECKPOINT"):
+        export_bundle(text, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
