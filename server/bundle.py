@@ -35,9 +35,10 @@ RESIZE_RULES = ("shortest_edge", "squash")
 # center: transformers' offsets ((size - crop) // 2, zero padding where the image is
 # smaller); center_round: torchvision's (round((size - crop) / 2)), as OpenCLIP crops.
 CROP_RULES = ("center", "center_round", "none")
-# white: transparency composited onto white (transformers' convert_to_rgb); drop: the
-# colour channels as stored (Pillow's convert("RGB"), as OpenCLIP's preprocessing does).
-ALPHA_RULES = ("white", "drop")
+# first: converted to RGB on decoding, transparency composited onto white (transformers'
+# convert_to_rgb); last: resized and cropped in the image's own mode, then Pillow's
+# convert("RGB"), alpha dropped (OpenCLIP's torchvision pipeline).
+RGB_RULES = ("first", "last")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class VisionSpec:
     rescale_factor: float = 1.0 / 255.0
     inputs: tuple[str, ...] = ("pixel_values",)
     resize: str = "shortest_edge"
-    alpha: str = "white"
+    convert_rgb: str = "first"
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,10 @@ class Manifest:
             problems.append(f"vision.crop {self.vision.crop!r} is not one of {CROP_RULES}")
         if (self.vision.resize == "squash") != (self.vision.crop == "none"):
             problems.append("vision: a squash resize has no crop, a shortest_edge resize one")
-        if self.vision.alpha not in ALPHA_RULES:
-            problems.append(f"vision.alpha {self.vision.alpha!r} is not one of {ALPHA_RULES}")
+        if self.vision.convert_rgb not in RGB_RULES:
+            problems.append(
+                f"vision.convert_rgb {self.vision.convert_rgb!r} is not one of {RGB_RULES}"
+            )
         if any(s <= 0 for s in self.vision.std):
             problems.append("vision.std must be positive")
         if self.vision.image_size <= 0 or self.vision.resize_shortest_edge <= 0:

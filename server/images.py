@@ -7,9 +7,10 @@ white, then either a resize of the shortest edge with the same integer size rule
 crop (zero padding where the crop is larger), or a straight resize to the square ("squash":
 Chinese-CLIP, SigLIP); rescale in float64 then float32, and normalization in float32. The last
 two are one lookup table per channel, exact and fast. OpenCLIP's torchvision pipeline differs
-in two details the rule also names: its crop offsets round half to even ("center_round") and
-its RGB conversion drops alpha ("drop"); its float32 division by 255 differs from the table
-by at most one float32 ulp.
+in details the rule also names: its crop offsets round half to even ("center_round"), and it
+resizes and crops in the image's own mode and converts to RGB last, dropping alpha
+(convert_rgb "last"); its float32 division by 255 differs from the table by at most one
+float32 ulp.
 
 `decode` is the server's part: format allow-list, byte and pixel limits checked before pixel
 data is decoded, EXIF orientation, first frame of animations, and two deliberate differences
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from clipsearch.server.bundle import ALPHA_RULES, CROP_RULES, RESIZE_RULES, VisionSpec
+from clipsearch.server.bundle import CROP_RULES, RESIZE_RULES, RGB_RULES, VisionSpec
 from clipsearch.server.errors import (
     BundleError,
     EmptyImage,
@@ -87,10 +88,12 @@ class ImagePreprocessor:
     ) -> None:
         if spec.resample not in _RESAMPLE:
             raise BundleError(f"vision resample {spec.resample!r} is not one of {list(_RESAMPLE)}")
-        rules = ((spec.resize, RESIZE_RULES), (spec.crop, CROP_RULES), (spec.alpha, ALPHA_RULES))
-        unknown = [rule for rule, known in rules if rule not in known]
-        if unknown:
-            raise BundleError(f"vision image rules {unknown} are not supported")
+        rules = {"resize": RESIZE_RULES, "crop": CROP_RULES, "convert_rgb": RGB_RULES}
+        for name, known in rules.items():
+            if getattr(spec, name) not in known:
+                raise BundleError(
+                    f"vision {name} {getattr(spec, name)!r} is not supported (one of {known})"
+                )
         self.spec = spec
         self.limits = limits
         self.fast_jpeg = fast_jpeg
@@ -110,7 +113,8 @@ class ImagePreprocessor:
     # --- decoding ---------------------------------------------------------------------
 
     def decode(self, data: bytes) -> Image.Image:
-        """Bytes -> RGB image, EXIF-oriented; limits enforced before pixel data is decoded."""
+        """Bytes -> RGB image (in its own mode for convert_rgb "last"), EXIF-oriented; limits
+        enforced before pixel data is decoded."""
         if not data:
             raise EmptyImage("the image is empty (0 bytes)")
         if len(data) > self.limits.max_bytes:
@@ -140,13 +144,20 @@ class ImagePreprocessor:
                 f"the {image.format} image is corrupt or truncated: {exc}"
             ) from None
         image = _apply_orientation(image)
-        return _to_rgb(_scale_16_bit(image), self.spec.alpha)
+        image = _scale_16_bit(image)
+        return image if self.spec.convert_rgb == "last" else _to_rgb(image)
 
     # --- pixels -----------------------------------------------------------------------
 
     def from_image(self, image: Image.Image) -> np.ndarray:
         """Exactly the image processor's pixel_values for one image: float32 [3, S, S]."""
-        rgb = np.asarray(self._resize_and_crop(_to_rgb(image, self.spec.alpha)))
+        if self.spec.convert_rgb == "last":
+            resized = self._resize_and_crop(image)
+            if isinstance(resized, np.ndarray):  # zero-padded crop: only of an RGB image
+                resized = self._resize_and_crop(_to_rgb(image))
+            rgb = np.asarray(_drop_alpha(resized))
+        else:
+            rgb = np.asarray(self._resize_and_crop(_to_rgb(image)))
         out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
         for channel in range(3):
             np.take(self._lut[channel], rgb[:, :, channel], out=out[channel])
@@ -216,11 +227,21 @@ def _scale_16_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
-def _to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
-    """transformers' convert_to_rgb: transparency composited onto white; or dropped."""
+def _drop_alpha(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """Pillow's convert("RGB"), as torchvision pipelines do: alpha dropped."""
+    if isinstance(image, np.ndarray) or image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise UnsupportedImageFormat(
+            f"images in mode {image.mode} are not accepted: {exc}"
+        ) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: transparency is composited onto white."""
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if alpha == "drop":
-        has_alpha = False
     try:
         if has_alpha:
             rgba = image.convert("RGBA")
