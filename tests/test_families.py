@@ -296,3 +296,133 @@ def test_a_sentence_transformers_model_alone_is_refused_with_the_pairing_hint(
     text, _, _ = multilingual
     with pytest.raises(ExportError, match=r"--text .* --vision CLIP_CHECKPOINT"):
         export_bundle(text, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+
+
+# --- OpenCLIP -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def openclip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
+    checkpoint = family_fixtures.openclip_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "openclip", checkpoint)
+    return checkpoint, load_bundle(bundle)
+
+
+def openclip_forward(state: dict[str, Any], ids: Any, pixels: Any) -> tuple[Any, Any]:
+    """OpenCLIP's ViT and text transformer, written from its source with torch.nn pieces
+    (nn.MultiheadAttention on the in_proj weights), independent of transformers' CLIP."""
+    import torch.nn.functional as F
+
+    def blocks(x: Any, prefix: str, layers: int, heads: int, mask: Any) -> Any:
+        width = x.shape[-1]
+        for i in range(layers):
+            p = f"{prefix}transformer.resblocks.{i}."
+            attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+            attn.load_state_dict(
+                {k.removeprefix(p + "attn."): v for k, v in state.items() if k.startswith(p + "attn.")}
+            )
+            h = F.layer_norm(x, (width,), state[p + "ln_1.weight"], state[p + "ln_1.bias"])
+            x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            h = F.layer_norm(x, (width,), state[p + "ln_2.weight"], state[p + "ln_2.bias"])
+            h = F.gelu(F.linear(h, state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"])
+        return x
+
+    cfg = family_fixtures.OPENCLIP_CFG["model_cfg"]
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]  # type: ignore[index]
+    with torch.no_grad():
+        x = F.conv2d(pixels, state["visual.conv1.weight"], stride=vision["patch_size"])
+        x = x.flatten(2).transpose(1, 2)
+        cls = state["visual.class_embedding"].expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + state["visual.positional_embedding"]
+        w = x.shape[-1]
+        x = F.layer_norm(x, (w,), state["visual.ln_pre.weight"], state["visual.ln_pre.bias"])
+        x = blocks(x, "visual.", vision["layers"], w // vision["head_width"], None)
+        x = F.layer_norm(x[:, 0], (w,), state["visual.ln_post.weight"], state["visual.ln_post.bias"])
+        image = x @ state["visual.proj"]
+
+        n = ids.shape[1]
+        causal = torch.full((n, n), float("-inf")).triu(1)
+        t = state["token_embedding.weight"][ids] + state["positional_embedding"][:n]
+        t = blocks(t, "", text["layers"], text["heads"], causal)
+        t = F.layer_norm(t, (t.shape[-1],), state["ln_final.weight"], state["ln_final.bias"])
+        text_out = t[torch.arange(t.shape[0]), ids.argmax(dim=-1)] @ state["text_projection"]
+    return text_out.numpy(), image.numpy()
+
+
+def test_openclip_manifest_follows_its_preprocessing(openclip: tuple[Path, Bundle]) -> None:
+    _, bundle = openclip
+    vision = bundle.manifest.vision
+    assert bundle.manifest.family == "openclip"
+    assert (vision.resize, vision.crop, vision.convert_rgb) == (
+        "shortest_edge",
+        "center_round",
+        "last",
+    )
+    assert bundle.manifest.text.context_length == 77
+    assert_parity_recorded(bundle)
+
+
+def test_openclip_served_vectors_equal_openclip_forward(openclip: tuple[Path, Bundle]) -> None:
+    from clipsearch.export.families.openclip import eval_transform
+
+    _, bundle = openclip
+    state = family_fixtures.openclip_state_dict()
+    encoder = served(bundle)
+    texts = ["a photo of a cat", "a red circle", "x"]
+    # OpenCLIP pads with 0 after the end token (the largest id, where it pools).
+    tokens = [t.ids for t in encoder.tokenizer.tokenize(texts)]
+    ids = torch.zeros(len(texts), 77, dtype=torch.int64)
+    for row, t in enumerate(tokens):
+        ids[row, : len(t)] = torch.from_numpy(t)
+    images = [Image.open(io.BytesIO(b)) for b in fresh_images()]
+    pixels = torch.from_numpy(np.stack(eval_transform(bundle.manifest.vision, images)))
+    text, image = openclip_forward(state, ids, pixels)
+    assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
+    served_pixels = [encoder.preprocessor(b) for b in fresh_images()]
+    assert cosines(encoder.encode_images(served_pixels), image).min() >= 0.9999
+
+
+def test_openclip_pixels_equal_its_eval_transform(openclip: tuple[Path, Bundle]) -> None:
+    from clipsearch.export.families.openclip import eval_transform
+
+    _, bundle = openclip
+    ours = ImagePreprocessor.from_bundle(bundle, fast_jpeg=False)
+    images = family_images()
+    worst = max(
+        float(np.abs(ours.from_image(image) - theirs).max())
+        for image, theirs in zip(images, eval_transform(bundle.manifest.vision, images), strict=True)
+    )
+    assert worst <= 1e-6  # torchvision divides by 255 in float32: an ulp from the table
+
+
+def test_openclip_crop_rounds_offsets_as_torchvision() -> None:
+    from clipsearch.export.families.openclip import eval_transform
+    from clipsearch.server.bundle import VisionSpec
+
+    # 320x200 -> 51x32: 19 columns to cut, torchvision starts at round(9.5) = 10, HF at 9.
+    spec = VisionSpec(32, 32, (0.5,) * 3, (0.5,) * 3, crop="center_round", convert_rgb="last")
+    image = pattern((320, 200), "RGB", 3)
+    theirs = eval_transform(spec, [image])[0]
+    assert np.abs(ImagePreprocessor(spec).from_image(image) - theirs).max() <= 1e-6
+    floor = ImagePreprocessor(VisionSpec(32, 32, (0.5,) * 3, (0.5,) * 3)).from_image(image)
+    assert np.abs(floor - theirs).max() > 0.1
+
+
+def test_an_unsupported_openclip_model_names_what_differs(
+    openclip: tuple[Path, Bundle], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    checkpoint, _ = openclip
+    odd = tmp_path / "coca"
+    shutil.copytree(checkpoint, odd)
+    config = json.loads((odd / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    config["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_base_patch16_siglip_224"
+    (odd / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"vision_cfg.timm_model_name=.*text_cfg.hf_tokenizer_name"):
+        export_bundle(odd, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
