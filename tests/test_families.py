@@ -426,3 +426,58 @@ def test_an_unsupported_openclip_model_names_what_differs(
     (odd / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"vision_cfg.timm_model_name=.*text_cfg.hf_tokenizer_name"):
         export_bundle(odd, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+
+
+# --- what the exporter refuses, what it handles by kind, the strict setting -----------------
+
+
+def test_an_unsupported_checkpoint_is_named_with_what_is_supported(tmp_path: Path) -> None:
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(ExportError) as caught:
+        export_bundle(tmp_path / "bert", tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+    message = str(caught.value)
+    assert "is a 'bert' model; supported: CLIP (CLIPModel" in message
+    for family in ("Chinese-CLIP", "SigLIP", "OpenCLIP", "sentence-transformers", "--vision"):
+        assert family in message
+
+
+def test_a_clip_model_with_a_wordpiece_tokenizer_exports_by_tokenizer_kind(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from clipsearch.export.demo_wordpiece import build_demo_wordpiece_tokenizer
+    from clipsearch.export.tokenizers import tiny_clip_config
+
+    root = tmp_path_factory.mktemp("clip-wordpiece")
+    tokenizer = build_demo_wordpiece_tokenizer()
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    config = tiny_clip_config(text_config={"vocab_size": len(tokenizer), **ids})
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(root / "ckpt")
+    bundle = load_bundle(family_fixtures.exported(tmp_path_factory, "clip-wordpiece", root / "ckpt"))
+    assert bundle.manifest.family == "clip"
+    assert (bundle.manifest.text.bos_id, bundle.manifest.text.eos_id) == (2, 3)  # [CLS], [SEP]
+    assert bundle.manifest.text.inputs == ("input_ids",)
+    assert_parity_recorded(bundle)
+
+
+def test_strict_text_length_is_a_server_setting(chinese_clip: tuple[Path, Bundle]) -> None:
+    from clipsearch.server.settings import Settings
+
+    _, bundle = chinese_clip
+    settings = Settings.from_env({"CLIPSEARCH_STRICT_TEXT_LENGTH": "1"})
+    options = EncoderOptions.from_settings(settings)
+    assert options.strict_text_length
+    strict = OnnxEncoder(bundle, EncoderOptions(warmup=False, strict_text_length=True))
+    with pytest.raises(InvalidInput, match="over the model's context of 52"):
+        strict.encode_text(["一" * 51])
+    lenient = served(bundle)
+    assert lenient.tokenizer.tokenize(["一" * 51])[0].truncated
+    assert lenient.encode_text(["一" * 51]).shape == (1, family_fixtures.PROJECTION)
