@@ -213,7 +213,11 @@ def _check_tokenizer(loaded: FamilyModel, tokenizer_file: Path) -> None:
             mine, ref = ours[name], theirs[name].numpy()
             if mine.shape != ref.shape or not np.array_equal(mine, ref):
                 row = next(
-                    (i for i in range(min(len(mine), len(ref))) if not np.array_equal(mine[i], ref[i])),
+                    (
+                        i
+                        for i in range(min(len(mine), len(ref)))
+                        if not np.array_equal(mine[i], ref[i])
+                    ),
                     0,
                 )
                 raise ExportError(
@@ -228,11 +232,12 @@ def _export_fp32(loaded: FamilyModel, out: Path, opset: int) -> None:
 
     text_file, vision_file = variant_files("fp32")
     # Two rows of different lengths, padded: the trace sees pooling and padding.
-    example = loaded.tokenize(
-        ["a photo of a cat", "a photo of a red circle next to a blue square"]
-    )
+    example = loaded.tokenize(["a photo of a cat", "a photo of a red circle next to a blue square"])
     export_text_tower(
-        loaded.text_tower, out / text_file, opset, [example[n] for n in loaded.text_spec.inputs],
+        loaded.text_tower,
+        out / text_file,
+        opset,
+        [example[n] for n in loaded.text_spec.inputs],
         loaded.text_spec.inputs,
     )
     export_vision_tower(

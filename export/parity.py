@@ -2,10 +2,10 @@
 
 The PyTorch side is what a user of the family does: its own tokenizer (padded as the family
 pads, truncated at the context length) and its own image processor (transformers' PIL
-backend, or OpenCLIP's pipeline) feeding the family's feature functions. The ONNX Runtime side is what the
-server does: `clipsearch.server.text` and `clipsearch.server.images` on the same texts and the
-same encoded image bytes, one padded batch per tower. A miss is therefore a fault in the graph
-or in our preprocessing; both are what serving would get wrong.
+backend, or OpenCLIP's pipeline) feeding the family's feature functions. The ONNX Runtime
+side is what the server does: `clipsearch.server.text` and `clipsearch.server.images` on the
+same texts and the same encoded image bytes, one padded batch per tower. A miss is therefore
+a fault in the graph or in our preprocessing; both are what serving would get wrong.
 """
 
 from __future__ import annotations

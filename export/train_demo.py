@@ -348,7 +348,8 @@ def train(
     if config.eval_every and on_eval is not None:
         held_out = demo_eval.held_out_set(vision_spec(config), n=config.eval_images)
     log(
-        f"training demo {config.architecture}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"training demo {config.architecture}: "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{config.steps} steps of {config.batch_size}, {config.threads} threads"
     )
     started = time.perf_counter()

@@ -80,7 +80,9 @@ def exported(factory: pytest.TempPathFactory, key: str, checkpoint: Path, **kwar
         from clipsearch.export.exporter import export_bundle
 
         out = root / "bundle"
-        export_bundle(checkpoint, out, precisions=("fp32", "int8"), progress=lambda _: None, **kwargs)
+        export_bundle(
+            checkpoint, out, precisions=("fp32", "int8"), progress=lambda _: None, **kwargs
+        )
         return out
 
     result: Path = _once("bundle-" + key, factory, build)
@@ -183,9 +185,24 @@ def multilingual_text_checkpoint(factory: pytest.TempPathFactory) -> Path:
         write(
             "modules.json",
             [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Dense",
+                    "type": "sentence_transformers.models.Dense",
+                },
             ],
         )
         write("sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": False})
@@ -210,7 +227,9 @@ def multilingual_text_checkpoint(factory: pytest.TempPathFactory) -> Path:
                 "activation_function": "torch.nn.modules.linear.Identity",
             },
         )
-        save_file({"linear.weight": torch.randn(PROJECTION, 32) * 0.2}, out / "2_Dense/model.safetensors")
+        save_file(
+            {"linear.weight": torch.randn(PROJECTION, 32) * 0.2}, out / "2_Dense/model.safetensors"
+        )
         return out
 
     result: Path = _once("multilingual_text_checkpoint", factory, build)
@@ -220,8 +239,20 @@ def multilingual_text_checkpoint(factory: pytest.TempPathFactory) -> Path:
 OPENCLIP_CFG = {
     "model_cfg": {
         "embed_dim": PROJECTION,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 8,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 4,
+            "layers": 2,
+        },
     },
     "preprocess_cfg": {
         "mean": [0.48145466, 0.4578275, 0.40821073],

@@ -152,11 +152,15 @@ def test_chinese_clip_served_vectors_equal_pytorch(chinese_clip: tuple[Path, Bun
 # --- long texts -----------------------------------------------------------------------------
 
 
-def test_strict_text_length_refuses_instead_of_truncating(chinese_clip: tuple[Path, Bundle]) -> None:
+def test_strict_text_length_refuses_instead_of_truncating(
+    chinese_clip: tuple[Path, Bundle],
+) -> None:
     _, bundle = chinese_clip
     strict = TextTokenizer.from_bundle(bundle, strict=True)
     assert [len(t.ids) for t in strict.tokenize(["红色的圆形"])] == [7]
-    with pytest.raises(InvalidInput, match=r"text 1 is 122 tokens long, over the model's context of 52"):
+    with pytest.raises(
+        InvalidInput, match=r"text 1 is 122 tokens long, over the model's context of 52"
+    ):
         strict.tokenize(["ok", "a red star " * 40])
     exactly = "红" * 50  # 50 + [CLS] + [SEP] = the context: kept whole
     assert not strict.tokenize([exactly])[0].truncated
@@ -319,7 +323,11 @@ def openclip_forward(state: dict[str, Any], ids: Any, pixels: Any) -> tuple[Any,
             p = f"{prefix}transformer.resblocks.{i}."
             attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
             attn.load_state_dict(
-                {k.removeprefix(p + "attn."): v for k, v in state.items() if k.startswith(p + "attn.")}
+                {
+                    k.removeprefix(p + "attn."): v
+                    for k, v in state.items()
+                    if k.startswith(p + "attn.")
+                }
             )
             h = F.layer_norm(x, (width,), state[p + "ln_1.weight"], state[p + "ln_1.bias"])
             x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
@@ -338,7 +346,9 @@ def openclip_forward(state: dict[str, Any], ids: Any, pixels: Any) -> tuple[Any,
         w = x.shape[-1]
         x = F.layer_norm(x, (w,), state["visual.ln_pre.weight"], state["visual.ln_pre.bias"])
         x = blocks(x, "visual.", vision["layers"], w // vision["head_width"], None)
-        x = F.layer_norm(x[:, 0], (w,), state["visual.ln_post.weight"], state["visual.ln_post.bias"])
+        x = F.layer_norm(
+            x[:, 0], (w,), state["visual.ln_post.weight"], state["visual.ln_post.bias"]
+        )
         image = x @ state["visual.proj"]
 
         n = ids.shape[1]
@@ -391,7 +401,9 @@ def test_openclip_pixels_equal_its_eval_transform(openclip: tuple[Path, Bundle])
     images = family_images()
     worst = max(
         float(np.abs(ours.from_image(image) - theirs).max())
-        for image, theirs in zip(images, eval_transform(bundle.manifest.vision, images), strict=True)
+        for image, theirs in zip(
+            images, eval_transform(bundle.manifest.vision, images), strict=True
+        )
     )
     assert worst <= 1e-6  # torchvision divides by 255 in float32: an ulp from the table
 
@@ -424,7 +436,9 @@ def test_an_unsupported_openclip_model_names_what_differs(
     config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
     config["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_base_patch16_siglip_224"
     (odd / "open_clip_config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match=r"vision_cfg.timm_model_name=.*text_cfg.hf_tokenizer_name"):
+    with pytest.raises(
+        ExportError, match=r"vision_cfg.timm_model_name=.*text_cfg.hf_tokenizer_name"
+    ):
         export_bundle(odd, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
 
 
@@ -434,11 +448,13 @@ def test_an_unsupported_openclip_model_names_what_differs(
 def test_an_unsupported_checkpoint_is_named_with_what_is_supported(tmp_path: Path) -> None:
     from clipsearch.export.exporter import ExportError, export_bundle
 
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
-        tmp_path / "bert"
-    )
+    transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ExportError) as caught:
-        export_bundle(tmp_path / "bert", tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+        export_bundle(
+            tmp_path / "bert", tmp_path / "out", precisions=("fp32",), progress=lambda _: None
+        )
     message = str(caught.value)
     assert "is a 'bert' model; supported: CLIP (CLIPModel" in message
     for family in ("Chinese-CLIP", "SigLIP", "OpenCLIP", "sentence-transformers", "--vision"):
@@ -461,7 +477,9 @@ def test_a_clip_model_with_a_wordpiece_tokenizer_exports_by_tokenizer_kind(
     transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(root / "ckpt")
-    bundle = load_bundle(family_fixtures.exported(tmp_path_factory, "clip-wordpiece", root / "ckpt"))
+    bundle = load_bundle(
+        family_fixtures.exported(tmp_path_factory, "clip-wordpiece", root / "ckpt")
+    )
     assert bundle.manifest.family == "clip"
     assert (bundle.manifest.text.bos_id, bundle.manifest.text.eos_id) == (2, 3)  # [CLS], [SEP]
     assert bundle.manifest.text.inputs == ("input_ids",)

@@ -53,7 +53,7 @@ class Tower:
                 self.model = model
                 self.names = tuple(names)
 
-            def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            def forward(self, *inputs: torch.Tensor) -> Any:
                 return features(fn(self.model, **dict(zip(self.names, inputs, strict=True))))
 
         tower = _Tower()

@@ -50,8 +50,9 @@ def load(text: str | Path, vision: str | Path, revision: str = "") -> FamilyMode
     transformer_dir = root / modules[0].get("path", "")
     encoder, tokenizer, max_length, lowercase = _transformer(transformer_dir)
     _check_pooling(root / modules[1]["path"])
-    dense = _dense(root / modules[2]["path"]) if len(modules) > 2 else None
-    out_dim = dense.out_features if dense is not None else int(encoder.config.hidden_size)
+    dense, out_dim = None, int(encoder.config.hidden_size)
+    if len(modules) > 2:
+        dense, out_dim = _dense(root / modules[2]["path"])
     if out_dim != vision_part.dim:
         raise ExportError(
             f"the text model {text} embeds into {out_dim} dimensions but the vision tower of "
@@ -179,7 +180,7 @@ def _check_pooling(path: Path) -> None:
         raise ExportError(f"the text model pools with {others or 'no mode'}; supported: mean")
 
 
-def _dense(path: Path) -> Any:
+def _dense(path: Path) -> tuple[Any, int]:
     import torch
 
     config = json.loads((path / "config.json").read_text())
@@ -194,9 +195,7 @@ def _dense(path: Path) -> Any:
     except RuntimeError as exc:
         raise ExportError(f"the Dense weights in {path} do not fit its config: {exc}") from exc
     layers = [linear] + ([torch.nn.Tanh()] if activation.endswith("Tanh") else [])
-    dense = torch.nn.Sequential(*layers).eval()
-    dense.out_features = linear.out_features
-    return dense
+    return torch.nn.Sequential(*layers).eval(), linear.out_features
 
 
 def _dense_weights(path: Path) -> dict[str, Any]:

@@ -137,8 +137,13 @@ def _check_supported(model_cfg: dict[str, Any]) -> None:
     if model_cfg.get("custom_text") not in (None, False):
         problems.append("model_cfg.custom_text")
     for name, cfg, defaults, shape, ignored in (
-        ("vision_cfg", model_cfg.get("vision_cfg", {}), _VISION_DEFAULTS, _VISION_SHAPE,
-         _VISION_TRAINING),
+        (
+            "vision_cfg",
+            model_cfg.get("vision_cfg", {}),
+            _VISION_DEFAULTS,
+            _VISION_SHAPE,
+            _VISION_TRAINING,
+        ),
         ("text_cfg", model_cfg.get("text_cfg", {}), _TEXT_DEFAULTS, _TEXT_SHAPE, _TEXT_IGNORED),
     ):
         for key, value in cfg.items():
@@ -317,8 +322,8 @@ def eval_transform(spec: VisionSpec, images: Sequence[Any]) -> list[np.ndarray]:
     """OpenCLIP's eval transform, op for op as torchvision runs it on PIL images.
 
     Resize(size) (shortest edge; int(size * long / short), skipped when already there) or
-    Resize((size, size)); CenterCrop (offsets int(round((side - size) / 2))); convert("RGB");
-    ToTensor (uint8 / 255 in float32); Normalize (float32).
+    Resize((size, size)); CenterCrop (offsets round((side - size) / 2), half to even);
+    convert("RGB"); ToTensor (uint8 / 255 in float32); Normalize (float32).
     """
     from PIL import Image
 
@@ -327,7 +332,8 @@ def eval_transform(spec: VisionSpec, images: Sequence[Any]) -> list[np.ndarray]:
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     out = []
-    for image in images:
+    for original in images:
+        image = original
         if spec.resize == "squash":
             image = image.resize((size, size), resample[spec.resample])
         else:
@@ -338,12 +344,11 @@ def eval_transform(spec: VisionSpec, images: Sequence[Any]) -> list[np.ndarray]:
                 new = (size, new_long) if width <= height else (new_long, size)
                 image = image.resize(new, resample[spec.resample])
             width, height = image.size
-            left = int(round((width - size) / 2.0))
-            top = int(round((height - size) / 2.0))
+            left = round((width - size) / 2.0)
+            top = round((height - size) / 2.0)
             image = image.crop((left, top, left + size, top + size))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
         out.append((pixels - mean) / std)
     return out
 

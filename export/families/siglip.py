@@ -89,7 +89,7 @@ def tokenizer_json(tokenizer: Any) -> str:
     from tokenizers import Regex, Tokenizer, normalizers
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    graph: Any = SpmConverter(tokenizer).converted()
+    graph: Any = SpmConverter(tokenizer).converted()  # type: ignore[no-untyped-call]
     canonical: list[Any] = [normalizers.Lowercase()] if tokenizer.do_lower_case else []
     canonical += [
         normalizers.Replace(Regex("[" + re.escape(string.punctuation) + "]"), ""),
