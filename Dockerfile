@@ -9,13 +9,24 @@ FROM ${BASE}
 ARG EXTRA=server
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Only images without a Python (the CUDA bases) take this step; their own apt pins the versions.
+# hadolint ignore=DL3008
 RUN command -v python3 >/dev/null || (apt-get update && apt-get install -y --no-install-recommends \
         python3 python3-pip python3-venv && rm -rf /var/lib/apt/lists/*)
 RUN python3 -m venv /opt/clipsearch
 ENV PATH=/opt/clipsearch/bin:$PATH
 
 WORKDIR /src
-# Dependencies first, so code changes do not reinstall them.
+# Dependencies first, in their own layer, so code and doc changes do not reinstall them: only
+# pyproject.toml reaches this layer, with an empty stand-in for the package so that pip
+# resolves the extra (and its clipsearch[runtime] self-reference) exactly as the real install
+# would; the stand-in is uninstalled, the dependencies stay. Versions are pyproject's ranges.
+COPY pyproject.toml ./
+# hadolint ignore=DL3013
+RUN mkdir -p src/clipsearch && touch README.md src/clipsearch/__init__.py \
+    && pip install ".[${EXTRA}]" && pip uninstall -y clipsearch && rm -rf /src/*
+
+# Then the code: src/clipsearch/* are links to the top-level folders, so all of them come along.
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY protos ./protos
@@ -24,10 +35,11 @@ COPY client ./client
 COPY export ./export
 COPY bench ./bench
 COPY demo ./demo
-RUN pip install ".[${EXTRA}]" && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
 
-RUN useradd --create-home --uid 10001 clipsearch && mkdir /data && chown clipsearch /data
-USER clipsearch
+RUN useradd --create-home --uid 10001 --user-group clipsearch && mkdir /data \
+    && chown 10001:10001 /data
+USER 10001:10001
 WORKDIR /data
 EXPOSE 50051
 ENV CLIPSEARCH_HOST=0.0.0.0 CLIPSEARCH_MILVUS_URI=/data/clipsearch.db

@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 TORCH ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help venv setup setup-dev proto test test-all lint format demo bench clean
+.PHONY: help venv setup setup-dev proto test test-quick lint format demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,8 +31,13 @@ proto: ## regenerate the gRPC stubs from protos/ (needs setup-dev)
 demo: setup  ## the main job: start the server on the demo model, ingest, search, stop
 	$(BIN)/clipsearch demo
 
-test: setup-dev  ## install and run the default test suite
-	$(BIN)/python -m pytest -q
+# `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path (see
+# README, Layout; tests/conftest.py guards against it too).
+test: setup-dev  ## install and run the whole test suite (what CI runs)
+	$(BIN)/pytest -q
+
+test-quick: setup-dev  ## the suite without the tests marked slow (Milvus server, training)
+	$(BIN)/pytest -q -m "not slow"
 
 lint: ## ruff + mypy (needs setup-dev)
 	$(BIN)/ruff check .

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipsearch.cli import require
+
 
 def register(commands: Any) -> None:
     bench: argparse.ArgumentParser = commands.add_parser(
@@ -74,8 +76,6 @@ def register(commands: Any) -> None:
 
 
 def _run_encoder(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("export", "torch", "transformers", "onnxruntime")
     from clipsearch.bench.encoder import main
 
@@ -83,8 +83,6 @@ def _run_encoder(args: argparse.Namespace) -> int:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.bench.latency import main
 

@@ -265,7 +265,12 @@ async def bench_pipeline(
     name: str,
 ) -> dict[tuple[str, int], float]:
     pipeline = EncodingPipeline(
-        encoder, max_batch_size=max_batch_size, max_wait_ms=2, max_queue=100_000
+        encoder,
+        encoder.tokenizer,
+        encoder.preprocessor,
+        max_batch_size=max_batch_size,
+        max_wait_ms=2,
+        max_queue=100_000,
     )
     await pipeline.start()
     tensors = [encoder.preprocessor(p) for p in photos]

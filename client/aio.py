@@ -10,51 +10,62 @@
         async for ack in client.ingest(items):
             ...
 
-Same channel (options, retries, TLS, token) and the same request building, parsing and
-ingest state machine as the sync client; only the waiting differs.
+Same channel (options, retries, TLS, token), the same operations (`clipsearch.client.
+operations`) and the same ingest state machine as the sync client; only the waiting
+differs: this face awaits each step of a plan, and reads files off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Coroutine,
     Iterable,
-    Mapping,
     Sequence,
-    Sized,
 )
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
-import numpy as np
+from grpc import aio
 
-from clipsearch.client import convert
-from clipsearch.client.base import ClientBase, profile_description, profiled_rpc
-from clipsearch.client.channel import TlsConfig, bind_methods
-from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
-from clipsearch.client.ingest import AsyncIngestStream, Backoff
-from clipsearch.client.profile import Profile, Sample
-from clipsearch.client.sources import open_source
-from clipsearch.client.types import (
-    CollectionInfo,
-    EncodeResult,
-    ImageInput,
-    IngestItem,
-    IngestSummary,
-    Item,
-    SearchResult,
-    ServerInfo,
-    Target,
+from clipsearch.client import convert, operations
+from clipsearch.client.base import (
+    Blocking,
+    Call,
+    ClientBase,
+    Plan,
+    Sleep,
+    Step,
+    Stepper,
+    as_method,
+    ingest_state,
 )
+from clipsearch.client.errors import from_rpc_error
+from clipsearch.client.ingest import AsyncIngestStream, Backoff, IngestState
+from clipsearch.client.types import EncodeResult, IngestItem
 from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.v1.clipsearch_pb2_grpc import ClipSearchStub
 
+if TYPE_CHECKING:  # typing only: mypy-protobuf's stub of ClipSearchStub on an aio channel
+    from clipsearch.v1.clipsearch_pb2_grpc import ClipSearchAsyncStub
+
+P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def awaitable(
+    op: Callable[Concatenate[ClientBase, P], Plan[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """An operation as a coroutine method."""
+
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(op(self, *args, **kwargs))
+
+    return as_method(method, op, "AsyncClient")
 
 
 class AsyncClient(ClientBase):
@@ -63,28 +74,12 @@ class AsyncClient(ClientBase):
     Create it inside the event loop that uses it.
     """
 
-    def __init__(
-        self,
-        address: str = "127.0.0.1:50051",
-        *,
-        timeout: float = 30.0,
-        token: str | None = None,
-        tls: TlsConfig | None = None,
-        max_message_mb: int = 64,
-        retry: bool = True,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            address,
-            timeout=timeout,
-            token=token,
-            tls=tls,
-            max_message_mb=max_message_mb,
-            retry=retry,
-            options=options,
-        )
+    _channel: aio.Channel
+    _stub: ClipSearchAsyncStub
+
+    def _connect(self) -> None:
         self._channel = self.channel_config.aio_channel()
-        self._methods = bind_methods(self._channel)
+        self._stub = ClipSearchStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -100,52 +95,51 @@ class AsyncClient(ClientBase):
     ) -> None:
         await self.close()
 
-    async def _call(self, rpc: convert.Rpc[Any, T], timeout: float | None) -> T:
+    async def _run(self, plan: Plan[T]) -> T:
+        stepper = Stepper(plan)
         try:
-            response = await self._methods[rpc.method](
-                rpc.request, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return rpc.parse(response)
+            step = stepper.advance()
+            while step is not None:
+                try:
+                    outcome = await self._perform(step)
+                except Exception as exc:
+                    step = stepper.advance(error=exc)
+                else:
+                    step = stepper.advance(outcome)
+        finally:
+            stepper.close()
+        return stepper.result
 
-    # --- model ---------------------------------------------------------------------------
+    async def _perform(self, step: Step) -> Any:
+        if isinstance(step, Call):
+            # The stub's methods are typed once, on the sync stub; on an aio channel they
+            # are the aio multi-callables (ClipSearchAsyncStub's types), whose calls await.
+            method = cast("aio.UnaryUnaryMultiCallable[Any, Any]", step.method(self._stub))
+            return await method(step.request, timeout=step.deadline, metadata=self._metadata)
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if isinstance(step, Blocking):
+            return await asyncio.to_thread(step.work)
+        return await self._ingest_stream(step.state, step.items, step.timeout).run()
 
-    async def info(self, *, timeout: float | None = None) -> ServerInfo:
-        """The served model, its precision and execution providers, and versions."""
-        return await self._call(convert.info_rpc(), timeout)
+    # --- the unary operations --------------------------------------------------------------
 
-    async def wait_until_ready(self, timeout: float = 60.0) -> ServerInfo:
-        """Wait for the server to answer (it says UNAVAILABLE while warming up); raises
-        Unavailable if it does not within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            try:
-                return await self.info(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-            except ClipsearchError as exc:
-                if not exc.retryable and exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise Unavailable(
-                        f"the server at {self.address} was not ready within {timeout:g} s: "
-                        f"{exc.message}"
-                    ) from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    info = awaitable(operations.info)
+    wait_until_ready = awaitable(operations.wait_until_ready)
+    encode_texts = awaitable(operations.encode_texts)
+    encode_images = awaitable(operations.encode_images)
+    search = awaitable(operations.search)
+    ingest_path = awaitable(operations.ingest_path)
+    get = awaitable(operations.get)
+    delete = awaitable(operations.delete)
+    count = awaitable(operations.count)
+    create_collection = awaitable(operations.create_collection)
+    list_collections = awaitable(operations.list_collections)
+    drop_collection = awaitable(operations.drop_collection)
+    profile = awaitable(operations.profile)
 
-    async def encode_texts(
-        self, texts: Sequence[str], *, timeout: float | None = None
-    ) -> EncodeResult:
-        """Texts to embeddings, [len(texts), dim] float32, in input order."""
-        return await self._call(convert.texts_rpc(texts), timeout)
-
-    async def encode_images(
-        self, images: Sequence[ImageInput], *, timeout: float | None = None
-    ) -> EncodeResult:
-        """Images (encoded bytes, or paths of image files) to embeddings, in input order."""
-        rpc = await asyncio.to_thread(convert.images_rpc, images)  # may read files
-        return await self._call(rpc, timeout)
+    # --- the streams -----------------------------------------------------------------------
 
     async def encode_stream(
         self,
@@ -155,23 +149,8 @@ class AsyncClient(ClientBase):
     ) -> AsyncIterator[EncodeResult]:
         """Many encode requests over one stream; results in request order (see
         `Client.encode_stream`: failed batches come back with `.error` set)."""
-        failure: list[BaseException] = []
-
-        async def requests() -> AsyncIterator[pb.EncodeRequest]:
-            try:
-                request_id = 0
-                if isinstance(batches, AsyncIterable):
-                    async for batch in batches:
-                        yield convert.encode_request(batch, request_id)
-                        request_id += 1
-                else:
-                    for batch in batches:
-                        yield convert.encode_request(batch, request_id)
-                        request_id += 1
-            except Exception as exc:  # surfaced to the caller after the stream ends
-                failure.append(exc)
-
-        call = self._methods["EncodeStream"](requests(), timeout=timeout, metadata=self._metadata)
+        requests = operations.EncodeRequests(batches)
+        call = self._stub.EncodeStream(aiter(requests), timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield convert.encode_result(response)
@@ -179,44 +158,7 @@ class AsyncClient(ClientBase):
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
-        if failure:
-            raise failure[0]
-
-    # --- search --------------------------------------------------------------------------
-
-    async def search(
-        self,
-        text: str | None = None,
-        *,
-        image: ImageInput | None = None,
-        vector: np.ndarray | Sequence[float] | None = None,
-        like: str | None = None,
-        target: Target = "image",
-        top_k: int = 10,
-        offset: int = 0,
-        filter: str = "",
-        output_fields: Sequence[str] = (),
-        params: Mapping[str, float] | None = None,
-        collection: str | None = None,
-        timeout: float | None = None,
-    ) -> SearchResult:
-        """Nearest neighbours of exactly one query (see `Client.search`)."""
-        request = convert.search_request(
-            text,
-            image=image,
-            vector=vector,
-            like=like,
-            target=target,
-            top_k=top_k,
-            offset=offset,
-            filter=filter,
-            output_fields=output_fields,
-            params=params,
-            collection=collection,
-        )
-        return await self._call(convert.search_rpc(request), timeout)
-
-    # --- ingest --------------------------------------------------------------------------
+        requests.check()
 
     def ingest(
         self,
@@ -234,9 +176,8 @@ class AsyncClient(ClientBase):
     ) -> AsyncIngestStream:
         """Stream items into a collection (see `Client.ingest`); iterate with `async for`,
         or `await stream.run()` for the summary. `items` may be sync or async iterable."""
-        if total is None and isinstance(items, Sized):
-            total = len(items)
-        state = self._ingest_state(
+        state = ingest_state(
+            items,
             collection=collection,
             create_collection=create_collection,
             skip_existing=skip_existing,
@@ -246,118 +187,15 @@ class AsyncClient(ClientBase):
             max_attempts=max_attempts,
             backoff=backoff,
         )
-        method: Callable[..., AsyncIterator[pb.IngestAck]] = self._methods["Ingest"]
+        return self._ingest_stream(state, items, timeout)
 
-        def open_stream(requests: AsyncIterator[pb.IngestRequest]) -> AsyncIterator[pb.IngestAck]:
-            return method(requests, timeout=timeout, metadata=self._metadata)
+    def _ingest_stream(
+        self,
+        state: IngestState,
+        items: Iterable[IngestItem] | AsyncIterable[IngestItem],
+        timeout: float | None,
+    ) -> AsyncIngestStream:
+        def open_stream(requests: AsyncIterator[pb.IngestRequest]) -> AsyncIterable[pb.IngestAck]:
+            return self._stub.Ingest(requests, timeout=timeout, metadata=self._metadata)
 
         return AsyncIngestStream(state, items, open_stream)
-
-    async def ingest_path(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        caption_field: str | None = None,
-        collection: str | None = None,
-        create_collection: bool = True,
-        skip_existing: bool = False,
-        progress: bool = True,
-        window: int = 256,
-        max_attempts: int = 5,
-    ) -> IngestSummary:
-        """Ingest a directory of images, a CSV or JSONL manifest (see `Client.ingest_path`)."""
-        source = open_source(path, caption_field=caption_field)
-        total = await asyncio.to_thread(lambda: source.total) if progress else None
-        stream = self.ingest(
-            source,
-            collection=collection,
-            create_collection=create_collection,
-            skip_existing=skip_existing,
-            progress=progress,
-            total=total,
-            window=window,
-            max_attempts=max_attempts,
-        )
-        return await stream.run()
-
-    # --- items ---------------------------------------------------------------------------
-
-    async def get(
-        self,
-        ids: Sequence[str],
-        *,
-        include_vectors: bool = False,
-        collection: str | None = None,
-        timeout: float | None = None,
-    ) -> list[Item]:
-        """The stored items of `ids` that exist, in request order."""
-        return await self._call(convert.get_rpc(ids, include_vectors, collection), timeout)
-
-    async def delete(
-        self, ids: Sequence[str], *, collection: str | None = None, timeout: float | None = None
-    ) -> int:
-        """Delete items; returns how many of the ids existed."""
-        return await self._call(convert.delete_rpc(ids, collection), timeout)
-
-    async def count(
-        self, filter: str = "", *, collection: str | None = None, timeout: float | None = None
-    ) -> int:
-        """Items in the collection (matching `filter`)."""
-        return await self._call(convert.count_rpc(filter, collection), timeout)
-
-    # --- collections ---------------------------------------------------------------------
-
-    async def create_collection(
-        self, name: str, *, exist_ok: bool = False, timeout: float | None = None
-    ) -> bool:
-        """Create a collection; True if created, False if it existed (with `exist_ok`)."""
-        return await self._call(convert.create_collection_rpc(name, exist_ok), timeout)
-
-    async def list_collections(self, *, timeout: float | None = None) -> list[CollectionInfo]:
-        return await self._call(convert.list_collections_rpc(), timeout)
-
-    async def drop_collection(self, name: str, *, timeout: float | None = None) -> None:
-        """Drop a collection and its items (never retried automatically)."""
-        await self._call(convert.drop_collection_rpc(name), timeout)
-
-    # --- profile -------------------------------------------------------------------------
-
-    async def profile(
-        self,
-        text: str | None = None,
-        *,
-        image: ImageInput | None = None,
-        vector: np.ndarray | Sequence[float] | None = None,
-        like: str | None = None,
-        call: Literal["search", "encode"] = "search",
-        target: Target = "image",
-        top_k: int = 10,
-        filter: str = "",
-        collection: str | None = None,
-        repeat: int = 1,
-        timeout: float | None = None,
-    ) -> Profile:
-        """The time breakdown of a search or encode call (see `Client.profile`)."""
-        if repeat < 1:
-            raise ValueError(f"repeat must be >= 1, got {repeat}")
-        rpc = profiled_rpc(
-            call=call,
-            text=text,
-            image=image,
-            vector=vector,
-            like=like,
-            target=target,
-            top_k=top_k,
-            filter=filter,
-            collection=collection,
-        )
-        samples = []
-        for _ in range(repeat):
-            started = time.perf_counter_ns()
-            result = await self._call(rpc, timeout)
-            round_trip_us = (time.perf_counter_ns() - started) // 1000
-            samples.append(Sample(round_trip_us, result.timing))
-        description = profile_description(
-            call, text=text, image=image, vector=vector, like=like, target=target, top_k=top_k
-        )
-        return Profile(description, tuple(samples))

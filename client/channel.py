@@ -18,10 +18,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.defaults import DEFAULT_ADDRESS
 
 SERVICE = "clipsearch.v1.ClipSearch"
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 # Safe to repeat: reads, encodes, and writes whose repetition ends in the same state. If a
 # reply is lost after the server acted, the retry reports what it then finds: a
@@ -139,30 +138,3 @@ class ChannelConfig:
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Metadata sent with every call: the bearer token when one is set."""
     return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def _message_class(name: str) -> Any:
-    return getattr(pb, name)
-
-
-def bind_methods(channel: grpc.Channel | aio.Channel) -> dict[str, Any]:
-    """The channel's multi-callables of every ClipSearch method, by method name.
-
-    Built from the service descriptor rather than the generated stub class, which is
-    untyped; the same code serves sync and asyncio channels.
-    """
-    methods: dict[str, Any] = {}
-    for method in pb.DESCRIPTOR.services_by_name["ClipSearch"].methods:
-        streaming = (method.client_streaming, method.server_streaming)
-        factory = {
-            (False, False): channel.unary_unary,
-            (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary,
-            (True, True): channel.stream_stream,
-        }[streaming]
-        methods[method.name] = factory(
-            f"/{SERVICE}/{method.name}",
-            request_serializer=_message_class(method.input_type.name).SerializeToString,
-            response_deserializer=_message_class(method.output_type.name).FromString,
-        )
-    return methods

@@ -18,16 +18,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipsearch.defaults import DEFAULT_ADDRESS
+
 if TYPE_CHECKING:
     import numpy as np
 
     from clipsearch.client.client import Client
-    from clipsearch.client.types import IngestSummary, SearchResult, Timing
+    from clipsearch.client.types import Hit, IngestSummary, SearchResult
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_SERVER = DEFAULT_ADDRESS
 EXIT_CALL_FAILED = 1
 EXIT_LOCAL_ERROR = 2
 MAX_ERRORS_SHOWN = 20
+# Columns of the hit table when --output-fields is not given, and the widths where the
+# free-text columns are cut; ids and uris are always shown whole, to be pasted elsewhere.
+TABLE_FIELDS = ("caption", "uri")
+COLUMN_LIMITS = {"caption": 48, "metadata": 48}
 
 ClientHandler = Callable[[argparse.Namespace, "Client"], int | None]
 
@@ -94,6 +100,8 @@ def _with_client(handler: ClientHandler) -> Callable[[argparse.Namespace], int]:
         except ClipsearchError as exc:
             _error(args, f"{exc.code.name}: {exc.message}")
             return EXIT_CALL_FAILED
+        except BrokenPipeError:  # the reader of stdout left: the entry point ends quietly
+            raise
         except (OSError, SourceError, ValueError) as exc:
             _error(args, str(exc))
             return EXIT_LOCAL_ERROR
@@ -124,7 +132,9 @@ def _register_ingest(commands: Any, common: argparse.ArgumentParser) -> None:
             "or JSONL manifest (columns: id, path or uri, caption, every other column becomes "
             "metadata; relative paths are resolved against the manifest's folder), or one "
             "image. Items are upserted by id, so running it again never duplicates; a broken "
-            "connection is resumed. Exit code 1 if any item failed."
+            "connection is resumed. A manifest row that cannot describe an item is reported "
+            "as failed (FILE:LINE: reason) and the ingest goes on. Exit code 1 if any item "
+            "failed; the summary is printed even when the ingest stops early."
         ),
         epilog=(
             "example: clipsearch ingest gallery/manifest.csv --collection demo "
@@ -175,13 +185,24 @@ def _run_ingest(args: argparse.Namespace, client: Client) -> int:
         total=source.total if progress else None,
         window=args.window,
     )
-    summary = stream.run()
-    seconds = time.perf_counter() - started
+    try:
+        summary = stream.run()
+    except BaseException:
+        # Stopped early (a server error, an unreadable source, Ctrl-C): what landed so far,
+        # then the error from the caller.
+        _print_ingest_summary(args, stream.summary, time.perf_counter() - started)
+        if not args.json:
+            print(f"stopped before the end of {args.path}")
+        raise
+    _print_ingest_summary(args, summary, time.perf_counter() - started)
+    return EXIT_CALL_FAILED if summary.failed else 0
+
+
+def _print_ingest_summary(args: argparse.Namespace, summary: IngestSummary, seconds: float) -> None:
     if args.json:
         _print_json(summary.to_dict())
     else:
         print(_format_ingest_summary(summary, seconds))
-    return EXIT_CALL_FAILED if summary.failed else 0
 
 
 def _format_ingest_summary(summary: IngestSummary, seconds: float) -> str:
@@ -239,7 +260,8 @@ def _register_search(commands: Any, common: argparse.ArgumentParser) -> None:
         description=(
             "Nearest neighbours of one query: TEXT, --image FILE, --like ID (a stored item: "
             "more like this) or --vector-file FILE. Prints a table (rank, score, id, caption, "
-            "uri) and the server's timing; --json prints {hits: [...], timing: {...}}."
+            "uri, or the --output-fields) and the server's timing; --json prints "
+            "{hits: [...], timing: {...}}."
         ),
         epilog=(
             'examples: clipsearch search "a red circle" --collection demo | '
@@ -257,8 +279,20 @@ def _register_search(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="index search parameter, e.g. --param ef=128 (HNSW) or --param nprobe=16",
     )
+    p.add_argument(
+        "--output-fields",
+        type=_field_list,
+        default=[],
+        metavar="FIELDS",
+        help="comma list of the stored fields to return with each hit: uri, caption, "
+        "metadata (default: all; the table then shows caption and uri)",
+    )
     _add_json(p)
     p.set_defaults(handler=_with_client(_run_search))
+
+
+def _field_list(value: str) -> list[str]:
+    return list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
 
 
 def _query_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -321,12 +355,18 @@ def _run_search(args: argparse.Namespace, client: Client) -> int:
         offset=args.offset,
         filter=args.filter,
         params=parse_params(args.param),
+        output_fields=args.output_fields,
         collection=args.collection,
     )
     if args.json:
-        _print_json(result.to_dict())
+        data = result.to_dict()
+        if args.output_fields:
+            kept = {"id", "score", *args.output_fields}
+            data["hits"] = [{k: v for k, v in hit.items() if k in kept} for hit in data["hits"]]
+        _print_json(data)
     else:
-        print(format_hits(result, first_rank=args.offset + 1))
+        fields = args.output_fields or TABLE_FIELDS
+        print(format_hits(result, first_rank=args.offset + 1, fields=fields))
     return 0
 
 
@@ -348,34 +388,39 @@ def _fit(text: str, width: int) -> str:
     return text + " " * (width - display_width(text))
 
 
-def format_hits(result: SearchResult, first_rank: int = 1) -> str:
-    """The hits as a table (rank, score, id, caption, uri) and a timing line."""
+def _cell(hit: Hit, field: str) -> str:
+    if field == "metadata":
+        return json.dumps(hit.metadata, ensure_ascii=False) if hit.metadata else ""
+    return str(getattr(hit, field, ""))
+
+
+def format_hits(
+    result: SearchResult, first_rank: int = 1, fields: Sequence[str] = TABLE_FIELDS
+) -> str:
+    """The hits as a table (rank, score, id, then `fields`) and a timing line. Ids and uris
+    are shown whole; captions and metadata are cut to a column."""
     lines = []
     if not result.hits:
         lines.append("no hits")
     else:
-        id_width = min(32, max(2, *(display_width(h.id) for h in result.hits)))
-        caption_width = min(48, max(7, *(display_width(h.caption) for h in result.hits)))
-        header = f"{'rank':>4}  {'score':>7}  {_fit('id', id_width)}  "
-        header += f"{_fit('caption', caption_width)}  uri"
-        lines.append(header)
-        for rank, hit in enumerate(result.hits, start=first_rank):
-            lines.append(
-                f"{rank:>4}  {hit.score:7.4f}  {_fit(hit.id, id_width)}  "
-                f"{_fit(hit.caption, caption_width)}  {hit.uri}"
-            )
+        names = ["id", *fields]
+        cells = [[_cell(hit, name) for name in names] for hit in result.hits]
+        widths = []
+        for i, name in enumerate(names):
+            width = max(display_width(name), *(display_width(row[i]) for row in cells))
+            widths.append(min(width, COLUMN_LIMITS.get(name, width)))
+        lines.append(_row(f"{'rank':>4}  {'score':>7}", names, widths))
+        for rank, (hit, row) in enumerate(zip(result.hits, cells, strict=True), start=first_rank):
+            lines.append(_row(f"{rank:>4}  {hit.score:7.4f}", row, widths))
     if result.query_truncated:
         lines.append("note: the query text was longer than the model's context and was cut")
-    lines.append(format_timing(result.timing))
+    lines.append(f"timing: {result.timing}")
     return "\n".join(lines)
 
 
-def format_timing(timing: Timing) -> str:
-    return (
-        f"timing: {timing.total_ms:.2f} ms on the server (queue {timing.queue_ms:.2f}, "
-        f"preprocess {timing.preprocess_ms:.2f}, inference {timing.inference_ms:.2f}, "
-        f"search {timing.search_ms:.2f} ms)"
-    )
+def _row(start: str, cells: Sequence[str], widths: Sequence[int]) -> str:
+    padded = (_fit(cell, width) for cell, width in zip(cells, widths, strict=True))
+    return "  ".join((start, *padded)).rstrip()
 
 
 # --- profile -----------------------------------------------------------------------------

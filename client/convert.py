@@ -1,9 +1,10 @@
 """Between the client's Python values and the wire messages, shared by `Client` and `AsyncClient`.
 
-Each unary method of the clients is one `Rpc`: the method name, the request message, and the
-function that turns the response into the value handed back. Both clients only differ in how
-they send it (blocking or awaited), so the request building and response parsing live here,
-once, and are unit-tested without a server.
+Each unary call is one `Rpc`: the stub method, the request message, and the function that
+turns the response into the value handed back, typed end to end by the mypy-protobuf stubs
+(the request must be the method's, the parser must take its response). Building and parsing
+live here, once, and are unit-tested without a server; `clipsearch.client.operations` puts
+them together with deadlines and error mapping.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 import numpy as np
@@ -37,10 +38,14 @@ from clipsearch.client.types import (
 )
 from clipsearch.v1 import clipsearch_pb2 as pb
 
+if TYPE_CHECKING:
+    from clipsearch.v1.clipsearch_pb2_grpc import ClipSearchStub
+
+RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
 ResultT_co = TypeVar("ResultT_co", covariant=True)
 
-TARGETS: dict[str, pb.Target] = {
+TARGETS: dict[str, pb.Target.ValueType] = {
     "image": pb.TARGET_IMAGE,
     "caption": pb.TARGET_CAPTION,
     "both": pb.TARGET_BOTH,
@@ -53,11 +58,11 @@ INGEST_STATUS: dict[int, IngestStatus] = {
 
 
 @dataclass(frozen=True)
-class Rpc(Generic[ResponseT, ResultT_co]):
-    """One unary call: `method` of the ClipSearch service, its request, and its parser."""
+class Rpc(Generic[RequestT, ResponseT, ResultT_co]):
+    """One unary call: the stub's `method`, its request, and the parser of its response."""
 
-    method: str
-    request: Message
+    method: Callable[[ClipSearchStub], grpc.UnaryUnaryMultiCallable[RequestT, ResponseT]]
+    request: RequestT
     parse: Callable[[ResponseT], ResultT_co]
 
 
@@ -121,7 +126,7 @@ def read_image(image: ImageInput) -> bytes:
     raise TypeError(f"an image is bytes or a path, not {type(image).__name__}")
 
 
-def target_to_pb(target: Target | str) -> pb.Target:
+def target_to_pb(target: Target | str) -> pb.Target.ValueType:
     try:
         return TARGETS[target.lower()]
     except KeyError:
@@ -133,8 +138,8 @@ def target_to_pb(target: Target | str) -> pb.Target:
 # --- Info --------------------------------------------------------------------------------
 
 
-def info_rpc() -> Rpc[pb.InfoResponse, ServerInfo]:
-    return Rpc("Info", pb.InfoRequest(), server_info)
+def info_rpc() -> Rpc[pb.InfoRequest, pb.InfoResponse, ServerInfo]:
+    return Rpc(lambda stub: stub.Info, pb.InfoRequest(), server_info)
 
 
 def tower_info(tower: pb.TowerInfo) -> TowerInfo:
@@ -192,11 +197,13 @@ def encode_result(response: pb.EncodeResponse) -> EncodeResult:
     )
 
 
-def encode_rpc(inputs: Sequence[str | bytes]) -> Rpc[pb.EncodeResponse, EncodeResult]:
-    return Rpc("Encode", encode_request(inputs), encode_result)
+def encode_rpc(
+    inputs: Sequence[str | bytes],
+) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
+    return Rpc(lambda stub: stub.Encode, encode_request(inputs), encode_result)
 
 
-def texts_rpc(texts: Sequence[str]) -> Rpc[pb.EncodeResponse, EncodeResult]:
+def texts_rpc(texts: Sequence[str]) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
     if isinstance(texts, str):
         raise TypeError("encode_texts takes a sequence of texts; wrap a single text in a list")
     for text in texts:
@@ -205,7 +212,9 @@ def texts_rpc(texts: Sequence[str]) -> Rpc[pb.EncodeResponse, EncodeResult]:
     return encode_rpc(texts)
 
 
-def images_rpc(images: Sequence[ImageInput]) -> Rpc[pb.EncodeResponse, EncodeResult]:
+def images_rpc(
+    images: Sequence[ImageInput],
+) -> Rpc[pb.EncodeRequest, pb.EncodeResponse, EncodeResult]:
     if isinstance(images, bytes | str):
         raise TypeError("encode_images takes a sequence of images; wrap a single one in a list")
     return encode_rpc([read_image(image) for image in images])
@@ -278,8 +287,8 @@ def search_result(response: pb.SearchResponse) -> SearchResult:
     )
 
 
-def search_rpc(request: pb.SearchRequest) -> Rpc[pb.SearchResponse, SearchResult]:
-    return Rpc("Search", request, search_result)
+def search_rpc(request: pb.SearchRequest) -> Rpc[pb.SearchRequest, pb.SearchResponse, SearchResult]:
+    return Rpc(lambda stub: stub.Search, request, search_result)
 
 
 # --- Ingest ------------------------------------------------------------------------------
@@ -354,37 +363,48 @@ def item_from_pb(item: pb.Item) -> Item:
 
 def get_rpc(
     ids: Sequence[str], include_vectors: bool, collection: str | None
-) -> Rpc[pb.GetResponse, list[Item]]:
+) -> Rpc[pb.GetRequest, pb.GetResponse, list[Item]]:
     request = pb.GetRequest(
         collection=collection or "", ids=_ids(ids), include_vectors=include_vectors
     )
-    return Rpc("Get", request, lambda response: [item_from_pb(i) for i in response.items])
+    return Rpc(
+        lambda stub: stub.Get, request, lambda response: [item_from_pb(i) for i in response.items]
+    )
 
 
-def delete_rpc(ids: Sequence[str], collection: str | None) -> Rpc[pb.DeleteResponse, int]:
+def delete_rpc(
+    ids: Sequence[str], collection: str | None
+) -> Rpc[pb.DeleteRequest, pb.DeleteResponse, int]:
     request = pb.DeleteRequest(collection=collection or "", ids=_ids(ids))
-    return Rpc("Delete", request, lambda response: int(response.deleted))
+    return Rpc(lambda stub: stub.Delete, request, lambda response: int(response.deleted))
 
 
-def count_rpc(filter: str, collection: str | None) -> Rpc[pb.CountResponse, int]:
+def count_rpc(filter: str, collection: str | None) -> Rpc[pb.CountRequest, pb.CountResponse, int]:
     request = pb.CountRequest(collection=collection or "", filter=filter)
-    return Rpc("Count", request, lambda response: int(response.count))
+    return Rpc(lambda stub: stub.Count, request, lambda response: int(response.count))
 
 
-def create_collection_rpc(name: str, exist_ok: bool) -> Rpc[pb.CreateCollectionResponse, bool]:
+def create_collection_rpc(
+    name: str, exist_ok: bool
+) -> Rpc[pb.CreateCollectionRequest, pb.CreateCollectionResponse, bool]:
     request = pb.CreateCollectionRequest(name=name, exist_ok=exist_ok)
-    return Rpc("CreateCollection", request, lambda response: bool(response.created))
+    return Rpc(lambda stub: stub.CreateCollection, request, lambda r: bool(r.created))
 
 
-def list_collections_rpc() -> Rpc[pb.ListCollectionsResponse, list[CollectionInfo]]:
+def list_collections_rpc() -> Rpc[
+    pb.ListCollectionsRequest, pb.ListCollectionsResponse, list[CollectionInfo]
+]:
     def parse(response: pb.ListCollectionsResponse) -> list[CollectionInfo]:
         return [
             CollectionInfo(name=c.name, count=c.count, dim=c.dim, model_id=c.model_id)
             for c in response.collections
         ]
 
-    return Rpc("ListCollections", pb.ListCollectionsRequest(), parse)
+    return Rpc(lambda stub: stub.ListCollections, pb.ListCollectionsRequest(), parse)
 
 
-def drop_collection_rpc(name: str) -> Rpc[pb.DropCollectionResponse, None]:
-    return Rpc("DropCollection", pb.DropCollectionRequest(name=name), lambda _: None)
+def drop_collection_rpc(
+    name: str,
+) -> Rpc[pb.DropCollectionRequest, pb.DropCollectionResponse, None]:
+    request = pb.DropCollectionRequest(name=name)
+    return Rpc(lambda stub: stub.DropCollection, request, lambda _: None)

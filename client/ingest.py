@@ -14,8 +14,9 @@ broken stream, independent of the transport:
   so an item written before the break but not acknowledged is written again, never twice;
 - bounds: `max_attempts` consecutive broken attempts without a single ack give up with the
   last error; any ack resets the count, so a long ingest survives occasional restarts;
-- local failures: a path item whose file cannot be read is reported as a failed result and
-  never sent.
+- local failures: a path item whose file cannot be read, or a manifest row that cannot
+  describe an item (the source raises `RowError` and goes on), is reported as a failed
+  result and never sent.
 
 The sync and asyncio drivers (`SyncIngestStream`, `AsyncIngestStream`) only add the blocking
 primitives (a thread semaphore or an asyncio one) and the way the source is iterated.
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from clipsearch.client.convert import ingest_request, ingest_result
 from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
+from clipsearch.client.sources import RowError
 from clipsearch.client.types import IngestItem, IngestResult, IngestSummary
 from clipsearch.v1 import clipsearch_pb2 as pb
 
@@ -141,10 +143,6 @@ class IngestState:
     def reconnects(self) -> int:
         return max(0, self.attempts - 1)
 
-    @property
-    def finished(self) -> bool:
-        return self.source_done and not self.pending
-
     # --- request side ------------------------------------------------------------------
 
     def begin_attempt(self) -> Attempt:
@@ -200,6 +198,21 @@ class IngestState:
         except ClipsearchError as exc:  # e.g. metadata that is not JSON
             self._fail_locally(seq, item, exc.message, exc.code.name)
         return None
+
+    def bad_row(self, error: RowError) -> None:
+        """A row the source could not turn into an item: a failed result, never sent."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            self._local.append(
+                IngestResult(
+                    seq=seq,
+                    id=error.where,
+                    status="failed",
+                    error=error.reason,
+                    error_code="INVALID_ARGUMENT",
+                )
+            )
 
     def _fail_locally(
         self, seq: int, item: IngestItem, error: str, code: str = "INVALID_ARGUMENT"
@@ -272,23 +285,14 @@ class IngestState:
 
 # --- the sync driver -------------------------------------------------------------------
 
-OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterator[pb.IngestAck]]
+OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterable[pb.IngestAck]]
 
 
-class SyncIngestStream(Iterator[IngestResult]):
-    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+class IngestRun:
+    """What both drivers show of their run: its state, summary and reconnects so far."""
 
-    Closing it (or breaking out of the loop and dropping it) cancels the stream.
-    """
-
-    def __init__(
-        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
-    ) -> None:
+    def __init__(self, state: IngestState) -> None:
         self.state = state
-        self._source = iter(items)
-        self._source_lock = threading.Lock()
-        self._open_stream = open_stream
-        self._results = self._run()
 
     @property
     def summary(self) -> IngestSummary:
@@ -297,6 +301,22 @@ class SyncIngestStream(Iterator[IngestResult]):
     @property
     def reconnects(self) -> int:
         return self.state.reconnects
+
+
+class SyncIngestStream(IngestRun, Iterator[IngestResult]):
+    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+
+    Closing it (or breaking out of the loop and dropping it) cancels the stream.
+    """
+
+    def __init__(
+        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
+    ) -> None:
+        super().__init__(state)
+        self._source = iter(items)
+        self._source_lock = threading.Lock()
+        self._open_stream = open_stream
+        self._results = self._run()
 
     def __iter__(self) -> SyncIngestStream:
         return self
@@ -365,26 +385,30 @@ class SyncIngestStream(Iterator[IngestResult]):
         """The next source item, registered; None at the end or when the attempt ended."""
         state = self.state
         with self._source_lock:
-            if state.source_done:
-                return None
-            try:
-                item = next(self._source)
-            except StopIteration:
-                state.source_finished()
-                return None
-            except Exception as exc:  # reported after what was sent is acknowledged
-                state.source_finished(exc)
-                return None
+            while True:
+                if state.source_done:
+                    return None
+                try:
+                    item = next(self._source)
+                    break
+                except StopIteration:
+                    state.source_finished()
+                    return None
+                except RowError as exc:
+                    state.bad_row(exc)
+                except Exception as exc:  # reported after what was sent is acknowledged
+                    state.source_finished(exc)
+                    return None
         seq = state.register(attempt, item)
         return None if seq is None else (seq, item)
 
 
 # --- the asyncio driver ----------------------------------------------------------------
 
-OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterator[pb.IngestAck]]
+OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterable[pb.IngestAck]]
 
 
-class AsyncIngestStream(AsyncIterator[IngestResult]):
+class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
     """Results of `AsyncClient.ingest()` as they arrive; `.summary` counts them."""
 
     def __init__(
@@ -393,21 +417,13 @@ class AsyncIngestStream(AsyncIterator[IngestResult]):
         items: Iterable[IngestItem] | AsyncIterable[IngestItem],
         open_stream: OpenAsyncStream,
     ) -> None:
-        self.state = state
+        super().__init__(state)
         self._source: Iterator[IngestItem] | AsyncIterator[IngestItem] = (
             aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         )
         self._source_lock = asyncio.Lock()
         self._open_stream = open_stream
         self._results = self._run()
-
-    @property
-    def summary(self) -> IngestSummary:
-        return self.state.summary
-
-    @property
-    def reconnects(self) -> int:
-        return self.state.reconnects
 
     def __aiter__(self) -> AsyncIngestStream:
         return self
@@ -487,18 +503,22 @@ class AsyncIngestStream(AsyncIterator[IngestResult]):
     async def _take(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
         state = self.state
         async with self._source_lock:
-            if state.source_done:
-                return None
-            try:
-                if isinstance(self._source, AsyncIterator):
-                    item = await anext(self._source)
-                else:
-                    item = next(self._source)
-            except (StopIteration, StopAsyncIteration):
-                state.source_finished()
-                return None
-            except Exception as exc:
-                state.source_finished(exc)
-                return None
+            while True:
+                if state.source_done:
+                    return None
+                try:
+                    if isinstance(self._source, AsyncIterator):
+                        item = await anext(self._source)
+                    else:
+                        item = next(self._source)
+                    break
+                except (StopIteration, StopAsyncIteration):
+                    state.source_finished()
+                    return None
+                except RowError as exc:
+                    state.bad_row(exc)
+                except Exception as exc:
+                    state.source_finished(exc)
+                    return None
         seq = state.register(attempt, item)
         return None if seq is None else (seq, item)

@@ -25,9 +25,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clipsearch.client.types import Timing
-
-STAGES = ("queue", "preprocess", "inference", "search")
+from clipsearch.client.types import TIMING_STAGES, Timing
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class Profile:
         return self._median([s.timing.total_us for s in self.samples])
 
     def stage_us(self, stage: str) -> float:
-        return self._median([getattr(s.timing, f"{stage}_us") for s in self.samples])
+        return self._median([s.timing.stage_us(stage) for s in self.samples])
 
     @property
     def network_us(self) -> float:
@@ -68,7 +66,7 @@ class Profile:
 
     @property
     def unaccounted_us(self) -> float:
-        return max(0.0, self.server_us - sum(self.stage_us(stage) for stage in STAGES))
+        return max(0.0, self.server_us - sum(self.stage_us(stage) for stage in TIMING_STAGES))
 
     @property
     def batch_size(self) -> int:
@@ -82,7 +80,7 @@ class Profile:
             "network_us": self.network_us,
             "server_us": self.server_us,
         }
-        for stage in STAGES:
+        for stage in TIMING_STAGES:
             data[f"{stage}_us"] = self.stage_us(stage)
         data["unaccounted_us"] = self.unaccounted_us
         data["batch_size"] = self.batch_size
@@ -96,7 +94,7 @@ class Profile:
             ("├── network + client", self.network_us),
             ("└── server total", self.server_us),
         ]
-        stages = [(stage, self.stage_us(stage)) for stage in STAGES]
+        stages = [(stage, self.stage_us(stage)) for stage in TIMING_STAGES]
         stages.append(("unaccounted", self.unaccounted_us))
         for index, (name, value) in enumerate(stages):
             branch = "└──" if index == len(stages) - 1 else "├──"

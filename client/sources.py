@@ -11,6 +11,10 @@
   integers or decimals become JSON numbers; JSONL values keep their JSON types, and a
   `metadata` object is merged in.
 
+A row that cannot describe an item (not JSON, no path, a remote URI) raises `RowError` for
+that row alone and iteration goes on with the next one, so an ingest reports the row as a
+failed item (named `manifest:line`) and carries on.
+
 Images are read only when an item is sent (`IngestItem.path`), so a manifest of millions of
 rows costs no memory up front.
 """
@@ -43,6 +47,19 @@ SourceKind = Literal["directory", "csv", "jsonl", "image"]
 
 class SourceError(ValueError):
     """A manifest row (or the path itself) cannot describe an item."""
+
+
+class RowError(SourceError):
+    """One manifest row cannot describe an item; the rows after it can still be read.
+
+    Iterating a manifest raises it for the bad row alone: the next `next()` goes on with the
+    row after it, so an ingest reports the row as a failed item and carries on.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
 
 
 @dataclass
@@ -78,7 +95,7 @@ class ItemSource:
             with self.path.open(encoding="utf-8", newline="") as f:
                 return sum(1 for _ in csv.DictReader(f))
         if self.kind == "jsonl":
-            with self.path.open(encoding="utf-8") as f:
+            with self.path.open("rb") as f:
                 return sum(1 for line in f if line.strip())
         return 1
 
@@ -139,30 +156,66 @@ def image_item(file: Path, root: Path) -> IngestItem:
 # --- manifests ---------------------------------------------------------------------------
 
 
+class _Rows(Iterator[IngestItem]):
+    """Items of manifest rows, where a row that cannot describe an item raises its RowError
+    and the next call goes on (a generator is finished once it raises)."""
+
+    def __init__(self, rows: Iterator[IngestItem | RowError]) -> None:
+        self._rows = rows
+
+    def __iter__(self) -> _Rows:
+        return self
+
+    def __next__(self) -> IngestItem:
+        row = next(self._rows)
+        if isinstance(row, RowError):
+            raise row
+        return row
+
+
 def csv_items(path: Path, caption_field: str | None = None) -> Iterator[IngestItem]:
+    return _Rows(_csv_rows(path, caption_field))
+
+
+def _csv_rows(path: Path, caption_field: str | None) -> Iterator[IngestItem | RowError]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         _check_caption_field(reader.fieldnames or [], caption_field, path)
         for line, row in enumerate(reader, start=2):
             values = {k: _csv_value(v) for k, v in row.items() if k is not None}
-            yield row_item(values, path.parent, caption_field, f"{path}:{line}")
+            try:
+                yield row_item(values, path.parent, caption_field, f"{path}:{line}")
+            except RowError as exc:
+                yield exc
 
 
 def jsonl_items(path: Path, caption_field: str | None = None) -> Iterator[IngestItem]:
-    with path.open(encoding="utf-8") as f:
+    return _Rows(_jsonl_rows(path, caption_field))
+
+
+def _jsonl_rows(path: Path, caption_field: str | None) -> Iterator[IngestItem | RowError]:
+    with path.open("rb") as f:  # decoded line by line: one bad line is one failed item
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{where}: not valid JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise SourceError(f"{where}: each line must be a JSON object")
-            if caption_field is not None and caption_field not in row:
-                raise SourceError(f"{where}: no {caption_field!r} field")
-            yield row_item(row, path.parent, caption_field, where)
+                yield _jsonl_item(line, path.parent, caption_field, f"{path}:{line_number}")
+            except RowError as exc:
+                yield exc
+
+
+def _jsonl_item(line: bytes, base: Path, caption_field: str | None, where: str) -> IngestItem:
+    try:
+        row = json.loads(line.decode("utf-8").rstrip("\r\n"))
+    except UnicodeDecodeError as exc:
+        raise RowError(where, f"not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise RowError(where, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(row, dict):
+        raise RowError(where, "each line must be a JSON object")
+    if caption_field is not None and caption_field not in row:
+        raise RowError(where, f"no {caption_field!r} field")
+    return row_item(row, base, caption_field, where)
 
 
 def row_item(
@@ -172,14 +225,14 @@ def row_item(
     caption_key = caption_field or DEFAULT_CAPTION_FIELD
     location = _text(row.get("path")) or _text(row.get("uri"))
     if not location:
-        raise SourceError(f"{where}: the row has neither a path nor a uri")
+        raise RowError(where, "the row has neither a path nor a uri")
     file = _local_file(location, base, where)
     metadata: dict[str, Any] = {}
     nested = row.get("metadata")
     if isinstance(nested, dict):
         metadata.update(nested)
     elif nested not in (None, ""):
-        raise SourceError(f"{where}: metadata must be a JSON object")
+        raise RowError(where, "metadata must be a JSON object")
     for key, value in row.items():
         if key not in RESERVED_FIELDS and key != caption_key:
             metadata[key] = value
@@ -198,9 +251,10 @@ def _local_file(location: str, base: Path, where: str) -> Path:
     if parsed.scheme == "file":
         location = unquote(parsed.path)
     elif len(parsed.scheme) > 1:  # one letter: a Windows drive, not a scheme
-        raise SourceError(
-            f"{where}: {location!r} is a remote URI; the client reads local files only "
-            "(give a path column, or download the images first)"
+        raise RowError(
+            where,
+            f"{location!r} is a remote URI; the client reads local files only "
+            "(give a path column, or download the images first)",
         )
     file = Path(location)
     return (file if file.is_absolute() else base / file).resolve()

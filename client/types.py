@@ -15,6 +15,8 @@ Target = Literal["image", "caption", "both"]
 IngestStatus = Literal["ok", "failed", "skipped"]
 ImageInput = bytes | str | os.PathLike[str]
 """An image for encode/search: its encoded bytes, or the path of an image file."""
+TIMING_STAGES = ("queue", "preprocess", "inference", "search")
+"""The server's stages in `Timing`, in the order a call passes them (`<stage>_us` fields)."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,23 @@ class Timing:
     def total_ms(self) -> float:
         return self.total_us / 1000
 
-    def __str__(self) -> str:
-        return (
-            f"server {self.total_ms:.2f} ms (queue {self.queue_ms:.2f}, "
-            f"preprocess {self.preprocess_ms:.2f}, inference {self.inference_ms:.2f}, "
-            f"search {self.search_ms:.2f} ms; batch {self.batch_size})"
+    def stage_us(self, stage: str) -> int:
+        """The microseconds of one of `TIMING_STAGES`."""
+        value: int = getattr(self, f"{stage}_us")
+        return value
+
+    def summary(self, digits: int = 2) -> str:
+        """One line, milliseconds: "server 4.50 ms (queue 0.10, …, search 1.00 ms; batch 1)".
+
+        The one text form of a timing: `str()`, the CLI's search output and the demo use it.
+        """
+        stages = ", ".join(
+            f"{stage} {self.stage_us(stage) / 1000:.{digits}f}" for stage in TIMING_STAGES
         )
+        return f"server {self.total_ms:.{digits}f} ms ({stages} ms; batch {self.batch_size})"
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def to_dict(self) -> dict[str, int]:
         return {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipsearch.cli import require
+
 
 def register(commands: Any) -> None:
     p: argparse.ArgumentParser = commands.add_parser(
@@ -30,8 +32,6 @@ def register(commands: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.demo.run import main
 

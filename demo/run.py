@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clipsearch.client import Client, SearchResult, Target
+from clipsearch.client import Client, Target
 from clipsearch.demo.grid import GridRow, Mark, write_grid
 from clipsearch.export.demo_data import GalleryItem, generate_gallery, read_manifest
 from clipsearch.server.process import ServerProcess
@@ -68,14 +68,6 @@ def hit_matches(metadata: dict[str, object], expect: tuple[str, str]) -> bool:
     if metadata.get("shape2"):
         objects.append((metadata.get("colour2"), metadata.get("shape2")))
     return any((not colour or c == colour) and s == shape for c, s in objects)
-
-
-def format_timing(result: SearchResult) -> str:
-    t = result.timing
-    return (
-        f"server {t.total_ms:.1f} ms (queue {t.queue_ms:.1f}, preprocess {t.preprocess_ms:.1f}, "
-        f"inference {t.inference_ms:.1f}, search {t.search_ms:.1f})"
-    )
 
 
 def run_demo(out: Path, n: int, top_k: int, seed: int) -> int:
@@ -162,7 +154,7 @@ def ask_queries(
         expected = min(len(result.hits), max(available, 0))
         precisions.append(marks.count(Mark.RIGHT) / expected if expected else 1.0)
         shown = query.text if query.text is not None else query.label
-        print(f"\n   {query.direction}: {shown}   [{format_timing(result)}]")
+        print(f"\n   {query.direction}: {shown}   [{result.timing.summary(digits=1)}]")
         for rank, (hit, mark) in enumerate(zip(result.hits, marks, strict=True), start=1):
             print(f"     {rank}. {mark.value} {hit.score:6.3f}  {hit.id}  {hit.caption}")
         rows.append(

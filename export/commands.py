@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipsearch.cli import require
+
 
 def register(commands: Any) -> None:
     _register_export(commands)
@@ -62,8 +64,6 @@ def _register_export(commands: Any) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("export", "torch", "transformers", "onnx")
     from clipsearch.export.exporter import main
 
@@ -130,8 +130,6 @@ def _register_train_demo(commands: Any) -> None:
 
 
 def _run_train_demo(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("export", "torch", "transformers", "onnx")
     from clipsearch.export.train_demo import main
 
@@ -156,8 +154,6 @@ def _register_demo_data(commands: Any) -> None:
 
 
 def _run_demo_data(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("server", "PIL")
     from clipsearch.export.demo_data import main
 

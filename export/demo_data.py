@@ -205,16 +205,6 @@ ZH_PAIR_TEMPLATES = (
 )
 
 
-def en_phrase(colour: str, shape: str) -> str:
-    """The canonical English noun phrase: "a red circle", "an orange star"."""
-    c = COLOUR_BY_NAME[colour].en
-    return f"{indefinite_article(c)} {c} {SHAPE_BY_NAME[shape].en}"
-
-
-def zh_phrase(colour: str, shape: str) -> str:
-    return f"{COLOUR_BY_NAME[colour].zh}的{SHAPE_BY_NAME[shape].zh}"
-
-
 def caption_text(
     objects: tuple[tuple[str, str], ...], language: str, rng: np.random.Generator | None = None
 ) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clipsearch.export import demo_data
+from clipsearch.export.tokenizers import bytes_to_unicode
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -66,23 +67,6 @@ EXTRA_ENGLISH = (
     "some",
 )
 EXTRA_CHINESE = "的和有一个张图片里照这是两形状颜色"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) reversible map from bytes to printable unicode characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def caption_vocabulary() -> tuple[list[str], list[str]]:

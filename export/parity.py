@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipsearch.server.bundle import PARITY_BARS, Parity, TextSpec, VisionSpec
+from clipsearch.server.bundle import Parity, TextSpec, VisionSpec
 from clipsearch.server.images import ImagePreprocessor
 from clipsearch.server.text import TextTokenizer
 
@@ -192,11 +192,6 @@ def batch_invariance(
     batch = _normalized(encode(items))
     singles = _normalized(np.concatenate([encode(items[i : i + 1]) for i in range(len(items))]))
     return float(np.abs(batch - singles).max())
-
-
-def shortfall(precision: str, parity: Parity) -> float:
-    """How far min cosine is below the precision's bar (0 when it meets it)."""
-    return max(0.0, PARITY_BARS[precision] - parity.min_cosine)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:

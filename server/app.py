@@ -16,22 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clipsearch.server.async_store import AsyncStore
-from clipsearch.server.bundle import default_bundle_path, load_bundle
+from clipsearch.server.bundle import Bundle, Manifest, default_bundle_path, load_bundle
 from clipsearch.server.catalog import Catalog
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
+from clipsearch.server.errors import ConfigurationError
+from clipsearch.server.fake import FakeBackend
 from clipsearch.server.ingest import CollectionWriters
 from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor, Interceptor
-from clipsearch.server.pipeline import EncodingPipeline
+from clipsearch.server.pipeline import EncodingPipeline, InferenceBackend
 from clipsearch.server.search import Searcher
 from clipsearch.server.service import ClipSearchService, Runtime
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import MilvusStore, VectorStore
+from clipsearch.server.store.memory import InMemoryStore
 from clipsearch.v1 import clipsearch_pb2 as pb
 from clipsearch.v1 import clipsearch_pb2_grpc as pb_grpc
 
@@ -49,8 +54,22 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def info_message(encoder: OnnxEncoder, settings: Settings) -> pb.InfoResponse:
-    manifest = encoder.manifest
+class ServingBackend(InferenceBackend, Protocol):
+    """An inference backend that can say how it runs, for Info and the start-up log."""
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def text_providers(self) -> list[str]: ...
+
+    @property
+    def vision_providers(self) -> list[str]: ...
+
+
+def info_message(
+    manifest: Manifest, backend: ServingBackend, settings: Settings, store: str
+) -> pb.InfoResponse:
     return pb.InfoResponse(
         model_name=manifest.name,
         model_family=manifest.family,
@@ -59,13 +78,13 @@ def info_message(encoder: OnnxEncoder, settings: Settings) -> pb.InfoResponse:
         context_length=manifest.text.context_length,
         image_size=manifest.vision.image_size,
         text=pb.TowerInfo(
-            precision=encoder.precision,
-            providers=encoder.text_providers,
+            precision=backend.precision,
+            providers=backend.text_providers,
             max_batch_size=settings.max_batch_size,
         ),
         vision=pb.TowerInfo(
-            precision=encoder.precision,
-            providers=encoder.vision_providers,
+            precision=backend.precision,
+            providers=backend.vision_providers,
             max_batch_size=settings.max_batch_size,
         ),
         version=_version("clipsearch"),
@@ -73,25 +92,46 @@ def info_message(encoder: OnnxEncoder, settings: Settings) -> pb.InfoResponse:
             name: _version(name)
             for name in ("onnxruntime", "pymilvus", "milvus-lite", "grpcio", "tokenizers")
         },
-        store="milvus-lite" if settings.uses_milvus_lite else "milvus",
+        store=store,
         model_id=manifest.model_id,
     )
 
 
+def served_bundle(settings: Settings) -> Bundle:
+    return load_bundle(settings.model or default_bundle_path())
+
+
 @dataclass
 class Components:
-    """Factories for the heavy parts, replaceable in tests."""
+    """Factories for the heavy parts, replaceable in tests. The tokenizer and the image
+    preprocessor always come from the served bundle; `encoder` makes the inference backend."""
 
-    encoder: Callable[[Settings], OnnxEncoder]
+    encoder: Callable[[Settings], ServingBackend]
     store: Callable[[Settings], VectorStore]
 
 
 def default_components() -> Components:
     def encoder(settings: Settings) -> OnnxEncoder:
-        bundle = load_bundle(settings.model or default_bundle_path())
-        return OnnxEncoder(bundle, EncoderOptions.from_settings(settings))
+        return OnnxEncoder(served_bundle(settings), EncoderOptions.from_settings(settings))
 
     return Components(encoder=encoder, store=MilvusStore.from_settings)
+
+
+def fake_components(fail_when: Callable[[np.ndarray], bool] | None = None) -> Components:
+    """A `FakeBackend` for the served bundle and a fresh `InMemoryStore` per start: the whole
+    service, with the bundle's real tokenizer and preprocessing, without ONNX Runtime or
+    Milvus. For tests; `fail_when` is passed on to the backend."""
+
+    def encoder(settings: Settings) -> FakeBackend:
+        return FakeBackend.for_manifest(served_bundle(settings).manifest, fail_when)
+
+    return Components(encoder=encoder, store=lambda settings: InMemoryStore())
+
+
+def _store_kind(store: VectorStore, settings: Settings) -> str:
+    if isinstance(store, InMemoryStore):
+        return "memory"
+    return "milvus-lite" if settings.uses_milvus_lite else "milvus"
 
 
 class ClipSearchServer:
@@ -127,7 +167,7 @@ class ClipSearchServer:
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING); warm up in the background."""
         # The generated service module has no annotations.
-        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_ClipSearchServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
@@ -145,23 +185,31 @@ class ClipSearchServer:
     async def _warm_up(self) -> None:
         settings = self.settings
         try:
-            encoder = await asyncio.to_thread(self.components.encoder, settings)
+            bundle = await asyncio.to_thread(served_bundle, settings)
+            backend = await asyncio.to_thread(self.components.encoder, settings)
+            if backend.dim != bundle.manifest.dim:
+                raise ConfigurationError(
+                    f"the inference backend makes {backend.dim}-d vectors, the bundle "
+                    f"{bundle.manifest.name} {bundle.manifest.dim}-d"
+                )
             store = AsyncStore(await asyncio.to_thread(self.components.store, settings))
-            pipeline = EncodingPipeline.from_settings(encoder, settings)
+            pipeline = EncodingPipeline.from_settings(backend, bundle, settings)
             await pipeline.start()
             self.service.runtime = Runtime(
                 settings=settings,
                 pipeline=pipeline,
                 store=store,
-                catalog=Catalog(store, encoder.manifest.model_id, encoder.dim),
+                catalog=Catalog(store, bundle.manifest.model_id, backend.dim),
                 searcher=Searcher(pipeline, store),
                 writers=CollectionWriters(
-                    store.store,
+                    store,
                     batch=settings.ingest_write_batch,
                     wait_ms=settings.ingest_write_wait_ms,
                     max_queue=settings.max_queue,
                 ),
-                info=info_message(encoder, settings),
+                info=info_message(
+                    bundle.manifest, backend, settings, _store_kind(store.store, settings)
+                ),
             )
         except BaseException as exc:
             self.startup_error = exc
@@ -172,10 +220,10 @@ class ClipSearchServer:
             await self.health.set(service, SERVING)
         log.info(
             "serving %s on %s (%s, text on %s)",
-            encoder.manifest.name,
+            bundle.manifest.name,
             self.address,
-            encoder.precision,
-            encoder.text_providers[0],
+            backend.precision,
+            backend.text_providers[0],
         )
         self._ready.set()
 
@@ -206,8 +254,16 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pymilvus logs every failed RPC with a traceback at ERROR; our errors say enough.
+    quiet_dependencies()
+
+
+def quiet_dependencies() -> None:
+    """The one place that turns down other libraries' logs."""
+    # pymilvus logs every failed call with a traceback at ERROR; the store turns each into a
+    # domain error that the service reports, so that log would only repeat it.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    # faiss (under Milvus Lite) logs which CPU build it loads, at INFO, on every start.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> int:

@@ -1,4 +1,8 @@
-"""Dynamic batching of inference work, one batcher per tower.
+"""Dynamic batching: `MicroBatcher`, the core, and `Batcher`, inference on one tower.
+
+The core serves inference (one `Batcher` per tower) and group commits (`group_commit`): it
+queues items, closes batches and resolves every item's future; what runs a batch is the
+subclass's (`_execute`).
 
 Items are queued, not requests: a request of three images puts three items in the queue and
 awaits three results, which may be served by different batches. A batch closes when it holds
@@ -11,7 +15,7 @@ the wait back on.
 Interactive items (search, encode) are taken before bulk items (ingest); a bulk item that has
 waited `bulk_max_wait_ms` is taken like an interactive one, so bulk work is never starved.
 Items whose caller went away (cancelled future) or whose deadline passed are dropped before
-inference. An exception from a batch fails exactly that batch's items, and every future is
+running. An exception from a batch fails exactly that batch's items, and every future is
 resolved on every path, including shutdown.
 """
 
@@ -21,6 +25,7 @@ import asyncio
 import enum
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +46,14 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 
+def unexpected_error(name: str, exc: BaseException) -> ClipsearchError:
+    """A bug's exception as an INTERNAL error for the client: logged here with its traceback
+    under a reference; the client's message has the reference, not the details."""
+    reference = uuid.uuid4().hex[:12]
+    log.error("%s failed (ref %s)", name, reference, exc_info=exc)
+    return ClipsearchError(f"{name} failed (ref {reference}); the server log has details")
+
+
 class Priority(enum.IntEnum):
     INTERACTIVE = 0
     BULK = 1
@@ -49,8 +62,13 @@ class Priority(enum.IntEnum):
 @dataclass(frozen=True)
 class ItemTiming:
     queue_us: int
-    inference_us: int
+    run_us: int  # the run of the item's whole batch
     batch_size: int
+
+    @property
+    def inference_us(self) -> int:
+        """`run_us`, for batches that run inference."""
+        return self.run_us
 
 
 @dataclass(frozen=True)
@@ -78,17 +96,13 @@ class BatcherStats:
     rejected_overload: int = 0
 
 
-class Batcher(Generic[P, R]):
-    """Collects items into batches and runs `run_batch` on them in worker threads.
-
-    `run_batch(payloads)` must return one result per payload, in order. It runs in a thread:
-    ONNX Runtime releases the GIL, so the event loop keeps accepting work meanwhile.
-    """
+class MicroBatcher(Generic[P, R]):
+    """Collects items into batches and runs each batch with `_execute`, at most `workers`
+    batches at once. `_execute(payloads)` must return one result per payload, in order."""
 
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[list[P]], Sequence[R]],
         *,
         max_batch_size: int = 32,
         max_wait_ms: float = 2.0,
@@ -102,12 +116,10 @@ class Batcher(Generic[P, R]):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.stats = BatcherStats()
-        self._run_batch = run_batch
         self._max_wait = max_wait_ms / 1000.0
         self._bulk_max_wait = bulk_max_wait_ms / 1000.0
         self._queues: tuple[deque[_Item[P, R]], deque[_Item[P, R]]] = (deque(), deque())
         self._workers = workers
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{name}")
         self._slots: asyncio.Semaphore | None = None
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -115,6 +127,15 @@ class Batcher(Generic[P, R]):
         self._closed = False
         # Until a batch of one shows there is no load, assume there is and wait for company.
         self._last_batch_size = max_batch_size
+
+    async def _execute(self, payloads: list[P]) -> Sequence[R]:
+        raise NotImplementedError
+
+    def _failure(self, exc: BaseException) -> ClipsearchError:
+        """The error the items of a batch get when `_execute` raised `exc` (no domain error)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return Unavailable(f"{self.name} stopped before the batch was done")
+        return unexpected_error(self.name, exc)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -134,7 +155,6 @@ class Batcher(Generic[P, R]):
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         self._fail_queued(Unavailable(f"{self.name} batcher is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def queued(self) -> int:
@@ -193,7 +213,7 @@ class Batcher(Generic[P, R]):
             except Exception:  # a bug here must not leave futures hanging
                 log.exception("%s batcher: collecting a batch failed", self.name)
                 self._slots.release()
-                self._fail_queued(InferenceError(f"{self.name} batcher failed internally"))
+                self._fail_queued(ClipsearchError(f"{self.name} batcher failed internally"))
                 continue
             self._last_batch_size = len(batch)
             task = asyncio.create_task(self._run(batch))
@@ -245,7 +265,7 @@ class Batcher(Generic[P, R]):
             if item.deadline is not None and now >= item.deadline:
                 self.stats.dropped_expired += 1
                 item.future.set_exception(
-                    DeadlineExceeded(f"deadline passed while queued for {self.name} inference")
+                    DeadlineExceeded(f"deadline passed while queued in the {self.name} batcher")
                 )
                 continue
             return item
@@ -261,46 +281,36 @@ class Batcher(Generic[P, R]):
                     self.stats.dropped_cancelled += 1
                 elif item.deadline is not None and now >= item.deadline:
                     self.stats.dropped_expired += 1
-                    item.future.set_exception(DeadlineExceeded("deadline passed before inference"))
+                    expired = DeadlineExceeded(f"deadline passed before {self.name} ran")
+                    item.future.set_exception(expired)
                 else:
                     live.append(item)
             if not live:
                 return
             started = time.monotonic()
-            loop = asyncio.get_running_loop()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [item.payload for item in live]
-                )
+                results = await self._execute([item.payload for item in live])
                 if len(results) != len(live):
-                    raise InferenceError(
+                    raise ClipsearchError(
                         f"{self.name}: batch of {len(live)} gave {len(results)} results"
                     )
             except BaseException as exc:
                 self.stats.failed_batches += 1
-                error = (
-                    exc
-                    if isinstance(exc, ClipsearchError)
-                    else InferenceError(
-                        f"{self.name} inference failed: {type(exc).__name__}: {exc}"
-                    )
-                )
-                if not isinstance(exc, ClipsearchError | asyncio.CancelledError):
-                    log.error("%s batch of %d failed", self.name, len(live), exc_info=exc)
+                error = exc if isinstance(exc, ClipsearchError) else self._failure(exc)
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(error)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
-            inference_us = int((time.monotonic() - started) * 1e6)
+            run_us = int((time.monotonic() - started) * 1e6)
             self.stats.batches += 1
             self.stats.items += len(live)
             for item, value in zip(live, results, strict=True):
                 if not item.future.done():
                     timing = ItemTiming(
                         queue_us=int((started - item.enqueued_at) * 1e6),
-                        inference_us=inference_us,
+                        run_us=run_us,
                         batch_size=len(live),
                     )
                     item.future.set_result(BatchResult(value, timing))
@@ -313,3 +323,44 @@ class Batcher(Generic[P, R]):
                 item = queue.popleft()
                 if not item.future.done():
                     item.future.set_exception(error)
+
+
+class Batcher(MicroBatcher[P, R]):
+    """Inference batches: `run_batch(payloads)` runs in the batcher's own worker threads
+    (ONNX Runtime releases the GIL, so the event loop keeps accepting work meanwhile) and
+    must return one result per payload, in order."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[P]], Sequence[R]],
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 4096,
+        workers: int = 1,
+        bulk_max_wait_ms: float = 500.0,
+    ) -> None:
+        super().__init__(
+            name,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            workers=workers,
+            bulk_max_wait_ms=bulk_max_wait_ms,
+        )
+        self._run_batch = run_batch
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{name}")
+
+    async def _execute(self, payloads: list[P]) -> Sequence[R]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_batch, payloads)
+
+    def _failure(self, exc: BaseException) -> ClipsearchError:
+        if not isinstance(exc, asyncio.CancelledError):
+            log.error("%s batch failed", self.name, exc_info=exc)
+        return InferenceError(f"{self.name} inference failed: {type(exc).__name__}: {exc}")
+
+    async def close(self) -> None:
+        await super().close()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -5,31 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from clipsearch.server.settings import Settings
+from clipsearch.cli import CommandParser, require
+from clipsearch.defaults import DEFAULT_ADDRESS
 
 
 def register(commands: Any) -> None:
-    p: argparse.ArgumentParser = commands.add_parser(
+    p: CommandParser = commands.add_parser(
         "serve",
         help="run the gRPC search server",
         description=(
             "Serve Encode, Search, Ingest and collection calls over gRPC, with health and "
             "reflection. Defaults: the committed demo model, a Milvus Lite file "
-            "./clipsearch.db, 127.0.0.1:50051. Every option can also be set by the "
+            f"./clipsearch.db, {DEFAULT_ADDRESS}. Every option can also be set by the "
             "environment variable shown; flags win. SIGINT/SIGTERM drain calls in flight "
             "and stop."
         ),
     )
-    Settings.add_arguments(p)
-    p.add_argument(
-        "--ready-file",
-        type=Path,
-        default=None,
-        help="write HOST:PORT to this file once the server is SERVING (for scripts, port 0)",
-    )
+    # The settings flags come from the server's Settings, imported only when `serve` parses.
+    p.defer(_add_serve_arguments)
     p.set_defaults(handler=_run_serve)
 
     h: argparse.ArgumentParser = commands.add_parser(
@@ -43,8 +40,8 @@ def register(commands: Any) -> None:
     )
     h.add_argument(
         "--server",
-        default=os.environ.get("CLIPSEARCH_SERVER", "127.0.0.1:50051"),
-        help="host:port (default: $CLIPSEARCH_SERVER or 127.0.0.1:50051)",
+        default=os.environ.get("CLIPSEARCH_SERVER", DEFAULT_ADDRESS),
+        help=f"host:port (default: $CLIPSEARCH_SERVER or {DEFAULT_ADDRESS})",
     )
     h.add_argument(
         "--service", default="", help="service name to check (default: the whole server)"
@@ -53,25 +50,34 @@ def register(commands: Any) -> None:
     h.set_defaults(handler=_run_health)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipsearch.server.settings import Settings
 
+    Settings.add_arguments(parser)
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write HOST:PORT to this file once the server is SERVING (for scripts, port 0)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "tokenizers", "PIL", "pymilvus")
     from clipsearch.server.app import configure_logging, serve
     from clipsearch.server.errors import ConfigurationError
+    from clipsearch.server.settings import Settings
 
     try:
         settings = Settings.from_args(args)
     except ConfigurationError as exc:
-        print(f"clipsearch serve: {exc}")
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     return asyncio.run(serve(settings, args.ready_file))
 
 
 def _run_health(args: argparse.Namespace) -> int:
-    from clipsearch.client.cli import require
-
     require("server", "grpc_health")
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

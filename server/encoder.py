@@ -19,6 +19,7 @@ import onnxruntime as ort
 from clipsearch.server.bundle import Bundle, Manifest
 from clipsearch.server.errors import BundleError, ConfigurationError, ProviderUnavailable
 from clipsearch.server.images import ImageLimits, ImagePreprocessor
+from clipsearch.server.limits import GRAPH_OPTIMIZATION_LEVELS
 from clipsearch.server.text import TextTokenizer
 from clipsearch.server.vectors import l2_normalize
 
@@ -33,7 +34,6 @@ PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 GPU_PROVIDERS = frozenset({"cuda", "tensorrt"})
-_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def resolve_providers(
 class OnnxEncoder:
     def __init__(self, bundle: Bundle, options: EncoderOptions | None = None) -> None:
         self.options = options = options or EncoderOptions()
-        if options.graph_optimization not in _OPTIMIZATION_LEVELS:
+        if options.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
             raise ConfigurationError(f"unknown graph optimization {options.graph_optimization}")
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest

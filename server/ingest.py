@@ -1,28 +1,31 @@
-"""Streaming ingest: items in, one acknowledgement per item once it is written.
+"""Streaming ingest: items in, one outcome per item once it is written.
 
-Each stream reads at most `ingest_window` items ahead of its acknowledgements, so a fast
-producer is held back by gRPC flow control rather than by server memory. Items are processed
-concurrently: image decode in the preprocess pool, both towers through their batchers at bulk
-priority, then a group-commit writer per collection (a Batcher whose batch function is the
-upsert) writes them to the store. An item is acknowledged OK only after its upsert returned;
-a bad item is acknowledged FAILED with the reason and the stream goes on.
+Each stream reads at most `ingest_window` items ahead of its outcomes, so a fast producer
+is held back by gRPC flow control rather than by server memory. Items are processed
+concurrently: checked against the store's rules (`store.validation`, in bytes) on arrival,
+image decode in the preprocess pool, both towers through their batchers at bulk priority,
+the vectors checked, then a group commit per collection, shared by all streams, writes
+them to the store. Only valid items join a shared commit, so one stream's bad item never
+fails another's. An item is OK only after its upsert returned; a bad item is FAILED with
+the reason and the stream goes on.
+
+Transport-free: the service turns requests into `IngestItem`s and `ItemOutcome`s into acks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from clipsearch.server.async_store import AsyncStore
-from clipsearch.server.batcher import Batcher, Priority
+from clipsearch.server.batcher import Priority
 from clipsearch.server.errors import (
     ClipsearchError,
     ErrorCode,
@@ -30,18 +33,67 @@ from clipsearch.server.errors import (
     Overloaded,
     Unavailable,
 )
-from clipsearch.server.interceptors import STATUS_OF
-from clipsearch.server.pipeline import Encoded, EncodingPipeline
-from clipsearch.server.store import StoredItem, VectorStore
-from clipsearch.v1 import clipsearch_pb2 as pb
+from clipsearch.server.group_commit import CommitTiming, GroupCommit
+from clipsearch.server.pipeline import Encoded, EncodingPipeline, StageTiming
+from clipsearch.server.store import StoredItem, validation
 
 log = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 256
-MAX_URI_LENGTH = 2048
-MAX_CAPTION_LENGTH = 4096
-MAX_METADATA_BYTES = 64 * 1024
 OVERLOAD_PATIENCE_S = 60.0
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    collection: str
+    skip_existing: bool = False
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    seq: int
+    image: bytes
+    id: str = ""  # empty: the content hash of the image
+    uri: str = ""
+    caption: str = ""
+    metadata_json: str = ""
+
+
+class IngestStatus(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class IngestTiming:
+    """Microseconds per stage of one item (`store_us`: the existence check and the write)."""
+
+    queue_us: int = 0
+    preprocess_us: int = 0
+    inference_us: int = 0
+    store_us: int = 0
+    total_us: int = 0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    seq: int
+    id: str
+    status: IngestStatus
+    error: str = ""
+    error_code: ErrorCode | None = None
+    caption_truncated: bool = False
+    timing: IngestTiming = field(default_factory=IngestTiming)
+
+
+@dataclass
+class IngestCounts:
+    """Counts of one stream, for the log line at its end."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
 
 
 def content_id(image: bytes) -> str:
@@ -49,81 +101,59 @@ def content_id(image: bytes) -> str:
     return hashlib.sha256(image).hexdigest()[:32]
 
 
-def parse_metadata(raw: str) -> dict[str, Any]:
-    if not raw:
-        return {}
-    if len(raw.encode()) > MAX_METADATA_BYTES:
-        raise InvalidInput(f"metadata_json is over {MAX_METADATA_BYTES} bytes")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"metadata_json is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("metadata_json must be a JSON object")
-    return value
-
-
-def validate_item(item: pb.IngestItem) -> str:
-    """Check an item's fields; returns its id (given, or the content hash)."""
+def checked_fields(item: IngestItem) -> StoredItem:
+    """The item's stored fields, checked by the store's rules; vectors come later."""
     if not item.image:
         raise InvalidInput("the item has no image bytes")
     item_id = item.id or content_id(item.image)
-    if len(item_id) > MAX_ID_LENGTH:
-        raise InvalidInput(f"id is longer than {MAX_ID_LENGTH} characters")
-    if len(item.uri) > MAX_URI_LENGTH:
-        raise InvalidInput(f"uri is longer than {MAX_URI_LENGTH} characters")
-    if len(item.caption) > MAX_CAPTION_LENGTH:
-        raise InvalidInput(f"caption is longer than {MAX_CAPTION_LENGTH} characters")
-    return item_id
+    validation.check_id(item_id)
+    fields = StoredItem(
+        id=item_id,
+        uri=item.uri,
+        caption=item.caption,
+        metadata=validation.parse_metadata(item.metadata_json, item_id),
+    )
+    validation.check_fields(fields)
+    return fields
 
 
 class CollectionWriters:
-    """One group-commit writer per collection, shared by all ingest streams."""
+    """One group commit per collection, shared by all ingest streams, through the store's
+    one executor (`AsyncStore`)."""
 
-    def __init__(self, store: VectorStore, batch: int, wait_ms: float, max_queue: int) -> None:
+    def __init__(self, store: AsyncStore, batch: int, wait_ms: float, max_queue: int) -> None:
         self._store = store
         self._batch = batch
         self._wait_ms = wait_ms
         self._max_queue = max_queue
-        self._writers: dict[str, Batcher[StoredItem, None]] = {}
+        self._writers: dict[str, GroupCommit[StoredItem]] = {}
         self._closed = False
 
-    async def write(self, collection: str, item: StoredItem) -> int:
-        """Upsert one item in the collection's next group commit; returns store µs."""
+    async def write(self, collection: str, item: StoredItem) -> CommitTiming:
+        """Upsert one checked item in the collection's next group commit."""
         if self._closed:  # an item still in flight while the server stops
             raise Unavailable("the server is shutting down; the item was not written")
         writer = self._writers.get(collection)
         if writer is None:
-            writer = Batcher(
+
+            async def upsert(items: list[StoredItem]) -> None:
+                await self._store.upsert(collection, items)
+
+            writer = GroupCommit(
                 f"write:{collection}",
-                lambda items: self._upsert(collection, items),
+                upsert,
                 max_batch_size=self._batch,
                 max_wait_ms=self._wait_ms,
                 max_queue=self._max_queue,
             )
             await writer.start()
             self._writers[collection] = writer
-        (result,) = await writer.submit([item])
-        return result.timing.inference_us
-
-    def _upsert(self, collection: str, items: list[StoredItem]) -> list[None]:
-        latest = {item.id: item for item in items}  # one row per id; the last version wins
-        self._store.upsert(collection, list(latest.values()))
-        return [None] * len(items)
+        return await writer.write(item)
 
     async def close(self) -> None:
         self._closed = True
         writers, self._writers = list(self._writers.values()), {}
         await asyncio.gather(*(w.close() for w in writers))
-
-
-@dataclass
-class IngestOutcome:
-    """Counts of one stream, for the log line at its end."""
-
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
 
 
 class IngestSession:
@@ -132,7 +162,7 @@ class IngestSession:
         pipeline: EncodingPipeline,
         store: AsyncStore,
         writers: CollectionWriters,
-        options: pb.IngestOptions,
+        options: IngestOptions,
         window: int,
     ) -> None:
         self.pipeline = pipeline
@@ -141,43 +171,43 @@ class IngestSession:
         self.collection = options.collection
         self.skip_existing = options.skip_existing
         self.window = window
-        self.outcome = IngestOutcome()
+        self.counts = IngestCounts()
 
-    async def run(self, requests: AsyncIterator[pb.IngestRequest]) -> AsyncIterator[pb.IngestAck]:
-        acks: asyncio.Queue[pb.IngestAck | BaseException | None] = asyncio.Queue()
+    async def run(self, items: AsyncIterator[IngestItem]) -> AsyncIterator[ItemOutcome]:
+        """One outcome per item, in the order they complete. An exception from `items`
+        (a broken stream, a protocol error) ends the run with that exception."""
+        outcomes: asyncio.Queue[ItemOutcome | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.window)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def process(item: pb.IngestItem) -> None:
+        async def process(item: IngestItem) -> None:
             try:
-                await acks.put(await self._ingest_one(item))
+                await outcomes.put(await self._ingest_one(item))
             finally:
                 slots.release()
 
         async def read() -> None:
             try:
-                async for request in requests:
-                    if request.WhichOneof("message") != "item":
-                        raise InvalidInput("after the first IngestOptions, send only items")
+                async for item in items:
                     await slots.acquire()
-                    task = asyncio.create_task(process(request.item))
+                    task = asyncio.create_task(process(item))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks)
-                await acks.put(None)
+                await outcomes.put(None)
             except BaseException as exc:  # stream broken or protocol error: end the stream
-                await acks.put(exc)
+                await outcomes.put(exc)
 
         reader = asyncio.create_task(read())
         try:
             while True:
-                ack = await acks.get()
-                if ack is None:
+                outcome = await outcomes.get()
+                if outcome is None:
                     break
-                if isinstance(ack, BaseException):
-                    raise ack
-                yield ack
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                yield outcome
         finally:
             reader.cancel()
             for task in list(tasks):
@@ -186,48 +216,67 @@ class IngestSession:
             log.info(
                 "ingest into %s: %d ok, %d failed, %d skipped",
                 self.collection,
-                self.outcome.ok,
-                self.outcome.failed,
-                self.outcome.skipped,
+                self.counts.ok,
+                self.counts.failed,
+                self.counts.skipped,
             )
 
-    async def _ingest_one(self, item: pb.IngestItem) -> pb.IngestAck:
+    async def _ingest_one(self, item: IngestItem) -> ItemOutcome:
         started = time.perf_counter()
-        ack = pb.IngestAck(seq=item.seq, id=item.id)
-        try:
-            ack.id = validate_item(item)
-            metadata = parse_metadata(item.metadata_json)
-            if self.skip_existing:
-                existing, store_us = await self.store.existing_ids(self.collection, [ack.id])
-                ack.timing.search_us += store_us
-                if ack.id in existing:
-                    ack.status = pb.INGEST_STATUS_SKIPPED
-                    self.outcome.skipped += 1
-                    return ack
-            image_vector, caption_vector = await self._encode(item, ack)
-            stored = StoredItem(
-                id=ack.id,
-                uri=item.uri,
-                caption=item.caption,
-                metadata=metadata,
-                image_vector=image_vector,
-                caption_vector=caption_vector,
+        item_id, store_us = item.id, 0
+        stage, preprocess_us, truncated = StageTiming(), 0, False
+
+        def outcome(status: IngestStatus, error: ClipsearchError | None = None) -> ItemOutcome:
+            if status is IngestStatus.OK:
+                self.counts.ok += 1
+            elif status is IngestStatus.SKIPPED:
+                self.counts.skipped += 1
+            else:
+                self.counts.failed += 1
+            return ItemOutcome(
+                seq=item.seq,
+                id=item_id,
+                status=status,
+                error=str(error) if error is not None else "",
+                error_code=error.code if error is not None else None,
+                caption_truncated=truncated,
+                timing=IngestTiming(
+                    queue_us=stage.queue_us,
+                    preprocess_us=preprocess_us,
+                    inference_us=stage.inference_us,
+                    store_us=store_us,
+                    total_us=int((time.perf_counter() - started) * 1e6),
+                    batch_size=stage.batch_size,
+                ),
             )
-            ack.timing.search_us += await self.writers.write(self.collection, stored)
-            ack.status = pb.INGEST_STATUS_OK
-            self.outcome.ok += 1
+
+        try:
+            fields = checked_fields(item)
+            item_id = fields.id
+            if self.skip_existing:
+                existing, check_us = await self.store.existing_ids(self.collection, [item_id])
+                store_us += check_us
+                if item_id in existing:
+                    return outcome(IngestStatus.SKIPPED)
+            image_vector, caption_vector, preprocess_us, stage, truncated = await self._encode(item)
+            stored = validation.check_vectors(
+                replace(fields, image_vector=image_vector, caption_vector=caption_vector),
+                self.pipeline.dim,
+            )
+            committed = await self.writers.write(self.collection, stored)
+            store_us += committed.store_us
+            return outcome(IngestStatus.OK)
         except ClipsearchError as exc:
-            self._fail(ack, exc.code, str(exc))
+            return outcome(IngestStatus.FAILED, exc)
         except Exception:
             log.exception("ingest of item seq=%d failed unexpectedly", item.seq)
-            self._fail(ack, ErrorCode.INTERNAL, "internal error; the server log has details")
-        finally:
-            ack.timing.total_us = int((time.perf_counter() - started) * 1e6)
-        return ack
+            error = ClipsearchError("internal error; the server log has details")
+            return outcome(IngestStatus.FAILED, error)
 
     async def _encode(
-        self, item: pb.IngestItem, ack: pb.IngestAck
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+        self, item: IngestItem
+    ) -> tuple[np.ndarray, np.ndarray | None, int, StageTiming, bool]:
+        """Image vector, caption vector, preprocess µs, the towers' timing, truncated."""
         pixels, preprocess_us = await self.pipeline.preprocess_image(item.image)
         jobs = [_patiently(lambda: self.pipeline.encode_pixels([pixels], Priority.BULK))]
         if item.caption:
@@ -238,21 +287,10 @@ class IngestSession:
         timing = encoded[0].timing
         for more in encoded[1:]:
             timing = timing.combine(more.timing)
-        ack.timing.queue_us = timing.queue_us
-        ack.timing.preprocess_us = preprocess_us
-        ack.timing.inference_us = timing.inference_us
-        ack.timing.batch_size = timing.batch_size
-        caption_vector = None
-        if item.caption:
-            caption_vector = encoded[1].vectors[0]
-            ack.caption_truncated = encoded[1].truncated[0]
-        return encoded[0].vectors[0], caption_vector
-
-    def _fail(self, ack: pb.IngestAck, code: ErrorCode, message: str) -> None:
-        ack.status = pb.INGEST_STATUS_FAILED
-        ack.error = message
-        ack.error_code = STATUS_OF[code].value[0]
-        self.outcome.failed += 1
+        if not item.caption:
+            return encoded[0].vectors[0], None, preprocess_us, timing, False
+        image, caption = encoded
+        return image.vectors[0], caption.vectors[0], preprocess_us, timing, caption.truncated[0]
 
 
 async def _patiently(submit: Callable[[], Awaitable[Encoded]]) -> Encoded:

@@ -1,5 +1,9 @@
 """Bytes and strings in, normalized vectors out: preprocessing, batching, inference.
 
+The pipeline owns the model-specific preprocessing (the bundle's text tokenizer and image
+preprocessor) and hands tensors to an `InferenceBackend`, which only runs the towers:
+`OnnxEncoder` in production, `FakeBackend` (deterministic vectors) in fast tests.
+
 Images are decoded and resized in a thread pool, so decoding overlaps the inference of
 earlier batches; texts are tokenized inline (the Rust tokenizer takes microseconds). Both
 then go through their tower's Batcher. Each call reports where its time went.
@@ -19,26 +23,30 @@ import numpy as np
 
 from clipsearch.server.batcher import Batcher, BatchResult, Priority
 from clipsearch.server.errors import ImageError
-from clipsearch.server.images import ImagePreprocessor
+from clipsearch.server.images import ImageLimits, ImagePreprocessor
 from clipsearch.server.text import TextTokenizer, TokenizedText
 
 if TYPE_CHECKING:
+    from clipsearch.server.bundle import Bundle
     from clipsearch.server.settings import Settings
 
 
-class PipelineEncoder(Protocol):
+class InferenceBackend(Protocol):
+    """The towers of a model: tensors in, L2-normalized float32 vectors [batch, dim] out.
+
+    Called from the batchers' worker threads, one batch per call; an exception fails exactly
+    that batch's items."""
+
     @property
     def dim(self) -> int: ...
 
-    @property
-    def tokenizer(self) -> TextTokenizer: ...
+    def run_text(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One padded batch of token ids (`TextTokenizer.pad`'s feeds)."""
+        ...
 
-    @property
-    def preprocessor(self) -> ImagePreprocessor: ...
-
-    def run_text(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
-
-    def run_vision(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    def run_vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Preprocessed images [batch, 3, S, S] (`ImagePreprocessor`'s output, stacked)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,9 @@ def _collect(
 class EncodingPipeline:
     def __init__(
         self,
-        encoder: PipelineEncoder,
+        backend: InferenceBackend,
+        tokenizer: TextTokenizer,
+        preprocessor: ImagePreprocessor,
         *,
         max_batch_size: int = 32,
         max_wait_ms: float = 2.0,
@@ -92,8 +102,10 @@ class EncodingPipeline:
         bulk_max_wait_ms: float = 500.0,
         preprocess_threads: int = 0,
     ) -> None:
-        self.encoder = encoder
-        self.dim = encoder.dim
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.dim = backend.dim
         self.text_batcher: Batcher[TokenizedText, np.ndarray] = Batcher(
             "text",
             self._run_text,
@@ -116,9 +128,19 @@ class EncodingPipeline:
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
 
     @classmethod
-    def from_settings(cls, encoder: PipelineEncoder, settings: Settings) -> EncodingPipeline:
+    def from_settings(
+        cls, backend: InferenceBackend, bundle: Bundle, settings: Settings
+    ) -> EncodingPipeline:
+        """`backend` behind the tokenizer and image preprocessor of `bundle`."""
+        preprocessor = ImagePreprocessor.from_bundle(
+            bundle,
+            limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            fast_jpeg=settings.fast_jpeg,
+        )
         return cls(
-            encoder,
+            backend,
+            TextTokenizer.from_bundle(bundle),
+            preprocessor,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -139,10 +161,10 @@ class EncodingPipeline:
     # --- batch functions (worker threads) ------------------------------------------------
 
     def _run_text(self, items: list[TokenizedText]) -> list[np.ndarray]:
-        return list(self.encoder.run_text(self.encoder.tokenizer.pad(items)))
+        return list(self.backend.run_text(self.tokenizer.pad(items)))
 
     def _run_vision(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.encoder.run_vision(np.stack(pixels)))
+        return list(self.backend.run_vision(np.stack(pixels)))
 
     # --- texts ---------------------------------------------------------------------------
 
@@ -153,7 +175,7 @@ class EncodingPipeline:
         deadline: float | None = None,
     ) -> Encoded:
         started = time.perf_counter()
-        tokens = self.encoder.tokenizer.tokenize(texts)
+        tokens = self.tokenizer.tokenize(texts)
         preprocess_us = int((time.perf_counter() - started) * 1e6)
         results = await self.text_batcher.submit(tokens, priority, deadline)
         vectors, timing = _collect(results, self.dim)
@@ -171,7 +193,7 @@ class EncodingPipeline:
 
         def work() -> tuple[np.ndarray, int]:
             started = time.perf_counter()
-            pixels = self.encoder.preprocessor(data)
+            pixels = self.preprocessor(data)
             return pixels, int((time.perf_counter() - started) * 1e6)
 
         return await loop.run_in_executor(self._preprocess_pool, work)

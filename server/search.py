@@ -18,14 +18,13 @@ import numpy as np
 
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.errors import InvalidInput, NotFound
+from clipsearch.server.limits import MAX_TOP_K
 from clipsearch.server.pipeline import EncodingPipeline, StageTiming
-from clipsearch.server.store import OUTPUT_FIELDS, StoreHit, Target
+from clipsearch.server.store import StoreHit, Target, validation
+from clipsearch.server.store.indexing import check_window
 from clipsearch.server.vectors import l2_normalize
 
 RRF_K = 60
-MAX_TOP_K = 1000
-# Milvus refuses offset + limit above 16384.
-MAX_WINDOW = 16384
 
 
 class SearchTarget(enum.Enum):
@@ -69,11 +68,8 @@ class SearchQuery:
             raise InvalidInput("like_id is empty")
         if not 1 <= self.top_k <= MAX_TOP_K:
             raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
-        if self.offset < 0 or self.offset + self.top_k > MAX_WINDOW:
-            raise InvalidInput(f"offset + top_k must be at most {MAX_WINDOW}")
-        unknown = sorted(set(self.output_fields) - set(OUTPUT_FIELDS))
-        if unknown:
-            raise InvalidInput(f"unknown output_fields {unknown}; choose from {OUTPUT_FIELDS}")
+        check_window(self.top_k, self.offset)
+        validation.output_fields(self.output_fields)
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ class SearchOutcome:
     hits: list[StoreHit]
     query_truncated: bool
     encoding: StageTiming
-    search_us: int
+    store_us: int
 
 
 def fuse_rrf(rankings: Sequence[Sequence[StoreHit]], k: int = RRF_K) -> list[StoreHit]:
@@ -103,10 +99,10 @@ class Searcher:
 
     async def search(self, query: SearchQuery, deadline: float | None = None) -> SearchOutcome:
         query.validate()
-        vector, truncated, encoding, search_us = await self._query_vector(query, deadline)
+        vector, truncated, encoding, total_us = await self._query_vector(query, deadline)
         common: dict[str, Any] = {
             "filter": query.filter,
-            "output_fields": query.output_fields or OUTPUT_FIELDS,
+            "output_fields": validation.output_fields(query.output_fields),
             "params": query.params,
             "exclude_ids": (query.like_id,) if query.like_id is not None else (),
         }
@@ -118,15 +114,15 @@ class Searcher:
                     query.collection, vector, target, window, offset=0, **common
                 )
                 rankings.append(hits)
-                search_us += store_us
+                total_us += store_us
             hits = fuse_rrf(rankings)[query.offset : window]
         else:
             target = Target.IMAGE if query.target is SearchTarget.IMAGE else Target.CAPTION
             hits, store_us = await self.store.search(
                 query.collection, vector, target, query.top_k, offset=query.offset, **common
             )
-            search_us += store_us
-        return SearchOutcome(hits, truncated, encoding, search_us)
+            total_us += store_us
+        return SearchOutcome(hits, truncated, encoding, total_us)
 
     async def _query_vector(
         self, query: SearchQuery, deadline: float | None

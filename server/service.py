@@ -1,8 +1,11 @@
 """The ClipSearch gRPC service: protos in, domain calls, protos out.
 
-Handlers stay thin: validation and the work itself live in search.py, ingest.py, the
-pipeline and the store; errors are raised as domain errors and become status codes in the
-ErrorInterceptor. Until the model is warm every call answers UNAVAILABLE.
+The only module of the serving path that reads or builds protobuf messages. Handlers stay
+thin: validation and the work itself live in search.py, ingest.py, the pipeline and the
+store; errors are raised as domain errors and become status codes through the one mapping
+in `interceptors` (the ErrorInterceptor for a failed call; `status_of` for the per-item and
+per-request errors that streams carry in their messages). Until the model is warm every
+call answers UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -19,8 +22,15 @@ from grpc import aio
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.catalog import Catalog
 from clipsearch.server.errors import InvalidInput, Unavailable
-from clipsearch.server.ingest import CollectionWriters, IngestSession
-from clipsearch.server.interceptors import status_of
+from clipsearch.server.ingest import (
+    CollectionWriters,
+    IngestItem,
+    IngestOptions,
+    IngestSession,
+    IngestStatus,
+    ItemOutcome,
+)
+from clipsearch.server.interceptors import STATUS_OF, status_of
 from clipsearch.server.pipeline import Encoded, EncodingPipeline, StageTiming
 from clipsearch.server.search import Searcher, SearchQuery, SearchTarget
 from clipsearch.server.settings import Settings
@@ -70,17 +80,25 @@ def deadline_of(context: Context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+INGEST_STATUS = {
+    IngestStatus.OK: pb.INGEST_STATUS_OK,
+    IngestStatus.FAILED: pb.INGEST_STATUS_FAILED,
+    IngestStatus.SKIPPED: pb.INGEST_STATUS_SKIPPED,
+}
+
+
 def with_timing(
-    response: R, started: float, stage: StageTiming | None = None, search_us: int = 0
+    response: R, started: float, stage: StageTiming | None = None, store_us: int = 0
 ) -> R:
-    """`response` with its Timing filled in: the stages, and total since `started`."""
+    """`response` with its Timing filled in: the stages, and total since `started`.
+    The store's time goes in `search_us` ("vector store: search, query or write")."""
     stage = stage or StageTiming()
     response.timing.CopyFrom(
         pb.Timing(
             queue_us=stage.queue_us,
             preprocess_us=stage.preprocess_us,
             inference_us=stage.inference_us,
-            search_us=search_us,
+            search_us=store_us,
             total_us=int((time.perf_counter() - started) * 1e6),
             batch_size=stage.batch_size,
         )
@@ -90,6 +108,40 @@ def with_timing(
 
 def metadata_json(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) if metadata else ""
+
+
+def ingest_item(request: pb.IngestRequest) -> IngestItem:
+    if request.WhichOneof("message") != "item":
+        raise InvalidInput("after the first IngestOptions, send only items")
+    item = request.item
+    return IngestItem(
+        seq=item.seq,
+        image=item.image,
+        id=item.id,
+        uri=item.uri,
+        caption=item.caption,
+        metadata_json=item.metadata_json,
+    )
+
+
+def ingest_ack(outcome: ItemOutcome) -> pb.IngestAck:
+    t = outcome.timing
+    return pb.IngestAck(
+        seq=outcome.seq,
+        id=outcome.id,
+        status=INGEST_STATUS[outcome.status],
+        error=outcome.error,
+        error_code=0 if outcome.error_code is None else STATUS_OF[outcome.error_code].value[0],
+        caption_truncated=outcome.caption_truncated,
+        timing=pb.Timing(
+            queue_us=t.queue_us,
+            preprocess_us=t.preprocess_us,
+            inference_us=t.inference_us,
+            search_us=t.store_us,
+            total_us=t.total_us,
+            batch_size=t.batch_size,
+        ),
+    )
 
 
 def item_message(item: StoredItem) -> pb.Item:
@@ -243,7 +295,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                 caption=hit.caption,
                 metadata_json=metadata_json(hit.metadata),
             )
-        return with_timing(response, started, outcome.encoding, outcome.search_us + catalog_us)
+        return with_timing(response, started, outcome.encoding, outcome.store_us + catalog_us)
 
     # --- ingest --------------------------------------------------------------------------
 
@@ -256,17 +308,20 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
             return
         if first.WhichOneof("message") != "options":
             raise InvalidInput("the first Ingest message must carry IngestOptions")
-        options = first.options
-        options.collection = self._collection(options.collection)
-        if options.create_collection:
+        options = IngestOptions(
+            collection=self._collection(first.options.collection),
+            skip_existing=first.options.skip_existing,
+        )
+        if first.options.create_collection:
             await rt.catalog.create(options.collection, exist_ok=True)
         else:
             await rt.catalog.guarded(options.collection)
         session = IngestSession(
             rt.pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
         )
-        async for ack in session.run(request_iterator):
-            yield ack
+        items = (ingest_item(request) async for request in request_iterator)
+        async for outcome in session.run(items):
+            yield ingest_ack(outcome)
 
     # --- items ---------------------------------------------------------------------------
 
@@ -287,20 +342,20 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
             items=[item_message(item) for item in items],
             missing_ids=[i for i in dict.fromkeys(request.ids) if i not in found],
         )
-        return with_timing(response, started, search_us=check_us + get_us)
+        return with_timing(response, started, store_us=check_us + get_us)
 
     async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
         started = time.perf_counter()
         rt, collection, check_us = await self._open(request.collection, request.ids)
         deleted, delete_us = await rt.store.delete(collection, list(request.ids))
         response = pb.DeleteResponse(deleted=deleted)
-        return with_timing(response, started, search_us=check_us + delete_us)
+        return with_timing(response, started, store_us=check_us + delete_us)
 
     async def Count(self, request: pb.CountRequest, context: Context) -> pb.CountResponse:
         started = time.perf_counter()
         rt, collection, check_us = await self._open(request.collection)
         count, count_us = await rt.store.count(collection, request.filter)
-        return with_timing(pb.CountResponse(count=count), started, search_us=check_us + count_us)
+        return with_timing(pb.CountResponse(count=count), started, store_us=check_us + count_us)
 
     # --- collections ---------------------------------------------------------------------
 
@@ -310,9 +365,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         started = time.perf_counter()
         rt = self._ready()
         created, store_us = await rt.catalog.create(_named(request.name), request.exist_ok)
-        return with_timing(
-            pb.CreateCollectionResponse(created=created), started, search_us=store_us
-        )
+        return with_timing(pb.CreateCollectionResponse(created=created), started, store_us=store_us)
 
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: Context
@@ -325,14 +378,14 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                 for i in infos
             ]
         )
-        return with_timing(response, started, search_us=store_us)
+        return with_timing(response, started, store_us=store_us)
 
     async def DropCollection(
         self, request: pb.DropCollectionRequest, context: Context
     ) -> pb.DropCollectionResponse:
         started = time.perf_counter()
         store_us = await self._ready().catalog.drop(_named(request.name))
-        return with_timing(pb.DropCollectionResponse(), started, search_us=store_us)
+        return with_timing(pb.DropCollectionResponse(), started, store_us=store_us)
 
 
 def _named(name: str) -> str:

@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from clipsearch.defaults import DEFAULT_HOST, DEFAULT_PORT
 from clipsearch.server.errors import ConfigurationError
+from clipsearch.server.limits import (
+    DEVICES,
+    GRAPH_OPTIMIZATION_LEVELS,
+    INDEX_TYPES,
+    METRICS,
+    is_milvus_lite,
+)
 
 ENV_PREFIX = "CLIPSEARCH_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -29,8 +37,8 @@ def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) ->
 @dataclass(frozen=True)
 class Settings:
     # --- network
-    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
-    port: int = _setting(50051, "port to listen on (0 picks a free one)")
+    host: str = _setting(DEFAULT_HOST, "address to listen on (0.0.0.0 for all interfaces)")
+    port: int = _setting(DEFAULT_PORT, "port to listen on (0 picks a free one)")
     max_message_mb: int = _setting(64, "largest gRPC message accepted or sent, MiB")
     grace_period_s: float = _setting(10.0, "on SIGINT/SIGTERM, time given to calls in flight")
     auth_token: str = _setting("", "if set, every call needs 'authorization: Bearer TOKEN'")
@@ -51,7 +59,7 @@ class Settings:
     )
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per inference (0: one per core)")
     graph_optimization: str = _setting(
-        "all", "ONNX Runtime graph optimization level", ("disable", "basic", "extended", "all")
+        "all", "ONNX Runtime graph optimization level", GRAPH_OPTIMIZATION_LEVELS
     )
     warmup: bool = _setting(True, "run each tower at a few batch sizes before serving")
 
@@ -87,10 +95,8 @@ class Settings:
         "a local path (Milvus Lite, embedded) or http://host:19530 (Milvus server/cluster)",
     )
     milvus_token: str = _setting("", "Milvus token or user:password (never logged)")
-    index_type: str = _setting(
-        "HNSW", "vector index of new collections", ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
-    )
-    metric: str = _setting("IP", "similarity of new collections", ("IP", "COSINE"))
+    index_type: str = _setting("HNSW", "vector index of new collections", INDEX_TYPES)
+    metric: str = _setting("IP", "similarity of new collections", METRICS)
     index_params: str = _setting(
         "", 'index build params as JSON, e.g. {"M": 16, "efConstruction": 200}'
     )
@@ -117,9 +123,9 @@ class Settings:
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
         problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
-        unknown = [p for p in self.providers if p not in ("cpu", "cuda", "tensorrt")]
+        unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
-            problems.append(f"device={self.device!r}: use cpu, cuda, tensorrt (comma list)")
+            problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")
         if problems:
             raise ConfigurationError("invalid settings: " + "; ".join(problems))
 
@@ -129,7 +135,7 @@ class Settings:
 
     @property
     def uses_milvus_lite(self) -> bool:
-        return "://" not in self.milvus_uri
+        return is_milvus_lite(self.milvus_uri)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keep_the_repository_root_off_sys_path() -> None:
+    """`python -m pytest` (or PYTHONPATH=.) puts the repository root on sys.path, where the
+    top-level folders would import under their bare names: `server.errors` next to
+    `clipsearch.server.errors`, two copies of every class, so an `except` or `isinstance`
+    on one misses the other. The package imports only as clipsearch.* (pyproject's
+    `pythonpath`); this runs before any test module is imported."""
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
+    # "tests" is the name importlib mode gives the test modules themselves.
+    bare = {p.name for p in ROOT.iterdir() if p.is_dir()} - {"tests"}
+    leaked = sorted(name for name in sys.modules if name.split(".")[0] in bare)
+    if leaked:
+        raise pytest.UsageError(f"imported by a bare folder name before the tests: {leaked}")
+
+
+_keep_the_repository_root_off_sys_path()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from clipsearch.server.batcher import Batcher, Priority
 from clipsearch.server.errors import DeadlineExceeded, InferenceError, Overloaded, Unavailable
-from clipsearch.server.fake import FakeEncoder
+from clipsearch.server.fake import FakeBackend
 
 
 class Recorder:
@@ -242,7 +242,7 @@ async def test_close_fails_queued_items_and_refuses_new_ones(recorder: Recorder)
 
 
 async def test_stress_many_tasks_every_result_correct_nothing_leaked() -> None:
-    fake = FakeEncoder(dim=8)
+    fake = FakeBackend(dim=8)
 
     def run(payloads: list[np.ndarray]) -> Sequence[np.ndarray]:
         return list(fake.run_vision(np.stack(payloads)))

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 from server_fixtures import ThreadedServer, quick_settings, served_model
 
+from clipsearch.cli import main
 from clipsearch.client import (
     AlreadyExists,
     AsyncClient,
@@ -37,7 +38,6 @@ from clipsearch.client import (
     Unavailable,
 )
 from clipsearch.client.channel import TlsConfig
-from clipsearch.client.cli import main
 from clipsearch.client.types import ImageInput
 from clipsearch.export.demo_data import GalleryItem, generate_gallery
 from clipsearch.v1 import clipsearch_pb2 as pb

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import inspect
 import json
 import queue
 import subprocess
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clipsearch.client import commands, convert
+from clipsearch.client import AsyncClient, Client, convert
 from clipsearch.client.channel import (
     RETRYABLE_METHODS,
     SERVICE,
@@ -26,7 +27,6 @@ from clipsearch.client.channel import (
     TlsConfig,
     call_metadata,
 )
-from clipsearch.client.cli import build_parser, main
 from clipsearch.client.errors import (
     AlreadyExists,
     ClipsearchError,
@@ -46,8 +46,8 @@ from clipsearch.client.ingest import (
     SyncIngestStream,
 )
 from clipsearch.client.profile import Profile, Sample
-from clipsearch.client.sources import SourceError, open_source
-from clipsearch.client.types import Hit, IngestItem, SearchResult, Timing
+from clipsearch.client.sources import RowError, SourceError, open_source
+from clipsearch.client.types import Hit, IngestItem, Timing
 from clipsearch.v1 import clipsearch_pb2 as pb
 
 NO_WAIT = Backoff(initial_s=0.0, maximum_s=0.0)
@@ -328,6 +328,115 @@ def test_token_metadata() -> None:
     assert call_metadata("") == ()
 
 
+# --- the two faces of one implementation ------------------------------------------------
+
+UNARY_OPERATIONS = (
+    "info",
+    "wait_until_ready",
+    "encode_texts",
+    "encode_images",
+    "search",
+    "ingest_path",
+    "get",
+    "delete",
+    "count",
+    "create_collection",
+    "list_collections",
+    "drop_collection",
+    "profile",
+)
+
+
+@pytest.mark.parametrize("name", UNARY_OPERATIONS)
+def test_both_faces_have_each_operation_with_one_signature_and_doc(name: str) -> None:
+    blocking, awaited = getattr(Client, name), getattr(AsyncClient, name)
+    assert inspect.signature(blocking) == inspect.signature(awaited)
+    assert blocking.__doc__ and blocking.__doc__ == awaited.__doc__
+    assert inspect.iscoroutinefunction(awaited) and not inspect.iscoroutinefunction(blocking)
+
+
+def test_a_face_method_signature_reads_like_a_method() -> None:
+    assert str(inspect.signature(Client.count)) == (
+        "(self, filter: 'str' = '', *, collection: 'str | None' = None, "
+        "timeout: 'float | None' = None) -> 'int'"
+    )
+    assert list(inspect.signature(Client("127.0.0.1:9").search).parameters)[:2] == [
+        "text",
+        "image",
+    ]
+
+
+class ScriptedInfo:
+    """The Info method of a fake stub: raises the scripted errors in turn, then answers."""
+
+    def __init__(self, errors: list[grpc.StatusCode], awaited: bool = False) -> None:
+        self.errors = errors
+        self.awaited = awaited
+        self.calls: list[tuple[float | None, Any]] = []
+
+    def __call__(self, request: pb.InfoRequest, timeout: float | None, metadata: Any) -> Any:
+        assert isinstance(request, pb.InfoRequest)
+        self.calls.append((timeout, metadata))
+        code = self.errors.pop(0) if self.errors else None
+
+        def answer() -> pb.InfoResponse:
+            if code is not None:
+                raise FakeRpcError(code, f"scripted {code.name}")
+            return pb.InfoResponse(model_name="m", dim=8)
+
+        if not self.awaited:
+            return answer()
+
+        async def later() -> pb.InfoResponse:
+            return answer()
+
+        return later()
+
+
+class FakeStub:
+    def __init__(self, info: ScriptedInfo) -> None:
+        self.Info = info
+
+
+def _client_with(info: ScriptedInfo, **options: Any) -> Client:
+    client = Client("127.0.0.1:9", **options)
+    client._stub = FakeStub(info)  # type: ignore[assignment]
+    return client
+
+
+def test_a_unary_call_gets_its_deadline_token_and_typed_error() -> None:
+    info = ScriptedInfo([grpc.StatusCode.NOT_FOUND])
+    client = _client_with(info, timeout=7.0, token="t")
+    with pytest.raises(NotFound, match="scripted NOT_FOUND"):
+        client.info()
+    assert client.info(timeout=2.0).model_name == "m"
+    token = (("authorization", "Bearer t"),)
+    assert info.calls == [(7.0, token), (2.0, token)]
+    client.close()
+
+
+def test_wait_until_ready_retries_through_the_plan_until_the_server_answers() -> None:
+    info = ScriptedInfo([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE])
+    client = _client_with(info)
+    assert client.wait_until_ready(timeout=5.0).dim == 8
+    assert len(info.calls) == 3
+    info.errors = [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE]
+    with pytest.raises(InvalidArgument):
+        client.wait_until_ready(timeout=5.0)  # not a "not ready yet": raised at once
+    assert len(info.calls) == 4
+    client.close()
+
+
+async def test_the_async_face_runs_the_same_plans() -> None:
+    info = ScriptedInfo([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND], awaited=True)
+    async with AsyncClient("127.0.0.1:9", timeout=3.0) as client:
+        client._stub = FakeStub(info)  # type: ignore[assignment]
+        with pytest.raises(NotFound):
+            await client.wait_until_ready(timeout=5.0)
+        assert (await client.info()).model_name == "m"
+    assert [timeout for timeout, _ in info.calls][1:] == [pytest.approx(5.0, abs=0.5), 3.0]
+
+
 # --- item sources ------------------------------------------------------------------------
 
 
@@ -431,6 +540,46 @@ def test_jsonl_source_keeps_json_types(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "path": "x.jpg"}\n[1]\n', encoding="utf-8")
     with pytest.raises(SourceError, match=r"bad\.jsonl:2: each line must be a JSON object"):
         list(open_source(tmp_path / "bad.jsonl"))
+
+
+def test_a_bad_manifest_row_raises_for_itself_and_the_rows_after_it_still_come(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        b'{"id": "a", "path": "a.jpg"}',
+        b"{not json",
+        b"\xff\xfe",
+        b"[1]",
+        b'{"id": "b", "uri": "https://example.com/b.jpg"}',
+        b'{"id": "c", "path": "c.jpg"}',
+    ]
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    csv_rows = [{"id": "d", "path": "d.jpg"}, {"id": "e"}, {"id": "f", "path": "f.jpg"}]
+    _write_csv(tmp_path / "m.csv", csv_rows)
+    for name, expected_ids, expected_errors in [
+        ("m.jsonl", ["a", "c"], [
+            ("m.jsonl:2", "not valid JSON: Expecting property name enclosed in double quotes "
+             "at column 2"),
+            ("m.jsonl:3", "not UTF-8 text: 'utf-8' codec can't decode byte 0xff in position 0: "
+             "invalid start byte"),
+            ("m.jsonl:4", "each line must be a JSON object"),
+            ("m.jsonl:5", "'https://example.com/b.jpg' is a remote URI; the client reads local "
+             "files only (give a path column, or download the images first)"),
+        ]),
+        ("m.csv", ["d", "f"], [("m.csv:3", "the row has neither a path nor a uri")]),
+    ]:  # fmt: skip
+        source = open_source(tmp_path / name)
+        rows = iter(source)
+        ids, errors = [], []
+        while True:
+            try:
+                ids.append(next(rows).id)
+            except RowError as exc:
+                errors.append((Path(exc.where).name, exc.reason))
+            except StopIteration:
+                break
+        assert (ids, errors) == (expected_ids, expected_errors)
+        assert source.total == len(expected_ids) + len(expected_errors)
 
 
 def test_open_source_rejects_unknown_paths(tmp_path: Path) -> None:
@@ -680,6 +829,39 @@ def test_source_errors_surface_after_sent_items_are_acknowledged() -> None:
     assert sorted(seen) == [0, 1, 2]
 
 
+def _manifest_with_a_bad_line(folder: Path) -> Path:
+    for name in ("a.jpg", "c.jpg"):
+        (folder / name).write_bytes(b"jpeg")
+    manifest = folder / "m.jsonl"
+    manifest.write_text(
+        '{"id": "a", "path": "a.jpg"}\n{"id": "b", "path": \n{"id": "c", "path": "c.jpg"}\n',
+        encoding="utf-8",
+    )
+    return manifest
+
+
+def test_a_bad_manifest_row_is_a_failed_item_and_the_ingest_goes_on(tmp_path: Path) -> None:
+    server = FakeIngestServer(window=2)
+    source = open_source(_manifest_with_a_bad_line(tmp_path))
+    stream = SyncIngestStream(_state(window=2), source, server.open_sync)
+    results = {r.id: r for r in stream}
+    where = f"{tmp_path / 'm.jsonl'}:2"
+    assert sorted(results) == sorted(["a", "c", where])
+    assert (results[where].status, results[where].error_code) == ("failed", "INVALID_ARGUMENT")
+    assert results[where].error.startswith("not valid JSON: ")
+    assert (stream.summary.ok, stream.summary.failed) == (2, 1)
+    assert stream.summary.errors == [(where, results[where].error)]
+    assert len(server.received[0]) == 2  # the bad row is never sent
+
+
+async def test_async_ingest_reports_a_bad_manifest_row_and_goes_on(tmp_path: Path) -> None:
+    server = FakeIngestServer(window=2)
+    source = open_source(_manifest_with_a_bad_line(tmp_path))
+    summary = await AsyncIngestStream(_state(window=2), source, server.open_async).run()
+    assert (summary.ok, summary.failed, summary.skipped) == (2, 1, 0)
+    assert summary.errors[0][0] == f"{tmp_path / 'm.jsonl'}:2"
+
+
 async def test_async_ingest_resumes_after_a_broken_stream() -> None:
     async def source() -> AsyncIterator[IngestItem]:
         for item in _items(15):
@@ -700,6 +882,46 @@ async def test_async_ingest_accepts_sync_iterables() -> None:
     server = FakeIngestServer(window=2)
     summary = await AsyncIngestStream(_state(window=2), _items(5), server.open_async).run()
     assert (summary.ok, summary.failed, summary.skipped) == (5, 0, 0)
+
+
+class FakeIngestStub:
+    def __init__(self, server: FakeIngestServer, awaited: bool) -> None:
+        self.server = server
+        self.awaited = awaited
+        self.timeouts: list[float | None] = []
+
+    def Ingest(self, requests: Any, timeout: float | None, metadata: Any) -> Any:
+        self.timeouts.append(timeout)
+        if self.awaited:
+            return self.server.open_async(requests)
+        return self.server.open_sync(requests)
+
+
+def _gallery(root: Path) -> Path:
+    for name in ("a.jpg", "b.png", "c.webp"):
+        (root / name).write_bytes(name.encode())
+    return root
+
+
+def test_ingest_path_runs_the_whole_ingest_in_the_plan(tmp_path: Path) -> None:
+    server = FakeIngestServer(break_after={0: 1}, window=2)
+    with Client("127.0.0.1:9") as client:
+        client._stub = FakeIngestStub(server, awaited=False)  # type: ignore[assignment]
+        summary = client.ingest_path(
+            _gallery(tmp_path), collection="c", progress=False, max_attempts=3
+        )
+    assert (summary.ok, summary.failed, summary.reconnects) == (3, 0, 1)
+    assert server.options[0].collection == "c"
+    assert sorted(seq for acked in server.acked for seq in acked) == [0, 1, 2]
+
+
+async def test_async_ingest_path_runs_the_same_plan(tmp_path: Path) -> None:
+    server = FakeIngestServer(window=2)
+    async with AsyncClient("127.0.0.1:9") as client:
+        client._stub = FakeIngestStub(server, awaited=True)  # type: ignore[assignment]
+        summary = await client.ingest_path(_gallery(tmp_path), progress=True)
+    assert (summary.ok, summary.failed, summary.skipped) == (3, 0, 0)
+    assert server.received == [[0, 1, 2]]
 
 
 def test_backoff_grows_exponentially_up_to_its_maximum() -> None:
@@ -753,114 +975,6 @@ def test_profile_render_is_a_tree() -> None:
     assert lines[8].startswith("    └── unaccounted") and lines[8].endswith("2.00 ms    20%")
     assert lines[9] == "1 call; batch size 1"
     assert str(profile) == profile.render()
-
-
-# --- CLI ---------------------------------------------------------------------------------
-
-
-def test_cli_search_arguments() -> None:
-    args = build_parser().parse_args(
-        ["search", "a red circle", "--target", "both", "--top-k", "5", "--offset", "10",
-         "--filter", 'metadata["k"] == 1', "--collection", "demo", "--param", "ef=64",
-         "--server", "host:1", "--token", "t", "--timeout", "2", "--json"]
-    )  # fmt: skip
-    assert (args.command, args.text, args.target, args.top_k, args.offset) == (
-        "search",
-        "a red circle",
-        "both",
-        5,
-        10,
-    )
-    assert (args.collection, args.server, args.token, args.timeout, args.json) == (
-        "demo",
-        "host:1",
-        "t",
-        2.0,
-        True,
-    )
-    assert commands.parse_params(args.param) == {"ef": 64.0}
-    with pytest.raises(ValueError, match="NAME=NUMBER"):
-        commands.parse_params(["ef"])
-
-
-def test_cli_connection_defaults_come_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("CLIPSEARCH_SERVER", "search.internal:6000")
-    monkeypatch.setenv("CLIPSEARCH_TOKEN", "from-env")
-    args = build_parser().parse_args(["count"])
-    assert (args.server, args.token, args.timeout) == ("search.internal:6000", "from-env", 30.0)
-    monkeypatch.delenv("CLIPSEARCH_SERVER")
-    monkeypatch.delenv("CLIPSEARCH_TOKEN")
-    args = build_parser().parse_args(["count"])
-    assert (args.server, args.token) == ("127.0.0.1:50051", None)
-
-
-def test_cli_query_must_be_exactly_one(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["search", "--server", "127.0.0.1:9"]) == 2
-    assert main(["search", "text", "--like", "x", "--server", "127.0.0.1:9"]) == 2
-    expected = (
-        "clipsearch search: give exactly one query: TEXT, --image FILE, --like ID or "
-        "--vector-file FILE"
-    )
-    assert capsys.readouterr().err.splitlines() == [expected, expected]
-
-
-def test_cli_collections_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_parser().parse_args(["collections"])
-    assert (args.action, args.name) == ("list", None)
-    args = build_parser().parse_args(["collections", "create", "photos", "--exist-ok"])
-    assert (args.action, args.name, args.exist_ok) == ("create", "photos", True)
-    assert main(["collections", "drop", "--server", "127.0.0.1:9"]) == 2
-    assert "collections drop needs a collection NAME" in capsys.readouterr().err
-
-
-def test_cli_reads_vector_files(tmp_path: Path) -> None:
-    np.save(tmp_path / "v.npy", np.array([[1.0, 2.0]]))
-    (tmp_path / "v.json").write_text("[0.5, -1]")
-    (tmp_path / "v.txt").write_text("1, 2\n3")
-    (tmp_path / "bad.txt").write_text("1 two")
-    np.testing.assert_array_equal(commands.read_vector_file(tmp_path / "v.npy"), [1, 2])
-    np.testing.assert_array_equal(commands.read_vector_file(tmp_path / "v.json"), [0.5, -1])
-    np.testing.assert_array_equal(commands.read_vector_file(tmp_path / "v.txt"), [1, 2, 3])
-    with pytest.raises(ValueError, match="not a list of numbers"):
-        commands.read_vector_file(tmp_path / "bad.txt")
-
-
-def test_hit_table_aligns_wide_characters() -> None:
-    result = SearchResult(
-        hits=[
-            Hit("a", 0.91234, "/img/a.jpg", "红色的圆形", {}),
-            Hit("bb", 0.5, "/img/b.jpg", "a red circle", {}),
-        ],
-        query_truncated=False,
-        timing=Timing(
-            queue_us=100, preprocess_us=200, inference_us=3000, search_us=1000, total_us=4500
-        ),
-    )
-    lines = commands.format_hits(result, first_rank=11).splitlines()
-    assert lines[0].split() == ["rank", "score", "id", "caption", "uri"]
-    assert lines[1].split() == ["11", "0.9123", "a", "红色的圆形", "/img/a.jpg"]
-    assert lines[2].split() == ["12", "0.5000", "bb", "a", "red", "circle", "/img/b.jpg"]
-    # The uri column starts at the same terminal column in every row.
-    columns = [commands.display_width(line[: line.index("/img")]) for line in lines[1:3]]
-    assert columns[0] == columns[1]
-    assert lines[3] == (
-        "timing: 4.50 ms on the server (queue 0.10, preprocess 0.20, inference 3.00, "
-        "search 1.00 ms)"
-    )
-
-
-def test_every_client_subcommand_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("ingest", "search", "profile", "count", "get", "delete", "collections",
-                    "info"):  # fmt: skip
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code == 0
-        out = capsys.readouterr().out
-        assert "--server HOST:PORT" in out
-        assert "--token" in out
-        assert f"usage: clipsearch {command}" in out
 
 
 def test_the_client_imports_only_its_light_dependencies() -> None:

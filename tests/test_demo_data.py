@@ -167,7 +167,7 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 
 def test_cli_writes_a_gallery(tmp_path: Path) -> None:
-    from clipsearch.client.cli import main
+    from clipsearch.cli import main
 
     assert main(["demo-data", "--out", str(tmp_path), "--n", "3", "--seed", "2"]) == 0
     assert [i.id for i in demo_data.read_manifest(tmp_path)] == [

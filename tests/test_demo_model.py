@@ -60,16 +60,49 @@ def test_committed_model_ranks_the_described_shape_first(
     assert sum(wanted in _objects(i) for i in top) >= len(singles) - 1
 
 
-def test_committed_model_records_its_held_out_figures() -> None:
+# How far a re-measured figure may sit from the one recorded at export. Here they are equal
+# (same seed, same kernels). Another CPU (AVX2 vs AVX-512 VNNI int8 kernels, other SIMD
+# reduction orders) or another JPEG codec build perturbs the vectors and can flip near-ties:
+# 0.02 is 3 of the 157 two-object queries or 11 of the 562 single-object images, and just
+# above the largest gap int8 quantization itself opens over fp32 (t2i_r1_pairs_en, 0.019),
+# a bigger perturbation than a kernel change. A real regression (preprocessing, tokenizer,
+# graph) moves these by tens of points, and the bars are checked as well.
+FIGURE_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module")
+def held_out() -> demo_eval.HeldOutSet:
+    """The set the manifest's figures were measured on (demo_eval's seed and size): 800
+    rendered scenes, a second to build, a second per precision to evaluate."""
+    return demo_eval.held_out_set(load_bundle(default_bundle_path()).manifest.vision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_committed_model_measures_its_recorded_held_out_figures(
+    held_out: demo_eval.HeldOutSet, precision: str
+) -> None:
+    manifest = load_bundle(default_bundle_path()).manifest
+    recorded = {
+        k.removeprefix(precision + "."): v
+        for k, v in manifest.evaluation.items()
+        if k.startswith(precision + ".")
+    }
+    measured = demo_eval.evaluate_bundle(default_bundle_path(), precision, held_out)
+    assert demo_eval.misses(measured) == []
+    assert set(measured) == set(recorded)
+    assert measured["n_images"] == recorded["n_images"] == demo_eval.DEFAULT_EVAL_IMAGES
+    assert measured["n_single_images"] == recorded["n_single_images"]
+    off = {
+        name: (round(measured[name], 4), recorded[name])
+        for name in recorded
+        if abs(measured[name] - recorded[name]) > FIGURE_TOLERANCE
+    }
+    assert off == {}
+
+
+def test_committed_bundle_is_the_demo_model_it_describes() -> None:
     manifest = load_bundle(default_bundle_path()).manifest
     assert set(manifest.variants) == {"fp32", "int8"}
-    for precision in ("fp32", "int8"):
-        figures = {
-            k.removeprefix(precision + "."): v
-            for k, v in manifest.evaluation.items()
-            if k.startswith(precision + ".")
-        }
-        assert demo_eval.misses(figures) == [], precision
     assert manifest.vision.image_size == 32
     assert manifest.text.eos_id == manifest.text.pad_id
 
@@ -84,7 +117,7 @@ def test_committed_bundle_is_small() -> None:
 def test_train_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
-    from clipsearch.client.cli import main
+    from clipsearch.cli import main
 
     out, checkpoint = tmp_path / "bundle", tmp_path / "checkpoint"
     args = ["train-demo", "--out", str(out), "--checkpoint", str(checkpoint)]

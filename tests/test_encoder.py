@@ -3,6 +3,7 @@ CLIPSEARCH_TEST_MODEL): batch == single, normalization, providers, precision, ti
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,20 +109,56 @@ def test_auto_precision_is_deterministic_fp32_on_cpu_and_fp16_on_gpu() -> None:
         choose_precision("fp16", ("cuda",), ["fp32"])
 
 
-def test_a_missing_gpu_provider_is_refused_unless_fallback_is_allowed(bundle: Bundle) -> None:
-    available = ort.get_available_providers()
-    assert "CUDAExecutionProvider" not in available  # this suite runs on CPU machines
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def test_providers_resolve_in_order_and_a_missing_gpu_one_is_refused_unless_fallback() -> None:
+    with_cuda = [CUDA, CPU]
+    assert resolve_providers(("cuda",), with_cuda, allow_cpu_fallback=False) == [CUDA, CPU]
+    assert resolve_providers(("cpu",), with_cuda, allow_cpu_fallback=False) == [CPU]
+    assert resolve_providers(("tensorrt", "cuda"), with_cuda, allow_cpu_fallback=True) == [
+        CUDA,
+        CPU,
+    ]
+    with pytest.raises(ProviderUnavailable, match=r"'tensorrt'.*available: CUDA.*Install"):
+        resolve_providers(("tensorrt", "cuda", "cpu"), with_cuda, allow_cpu_fallback=False)
+    assert resolve_providers(("cuda", "cpu"), [CPU], allow_cpu_fallback=True) == [CPU]
+
+
+# Runs where the suite runs: the CUDA branch on a machine whose onnxruntime has the CUDA
+# provider (onnxruntime-gpu), the refusal branch everywhere else. Both branches assert.
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_asking_for_cuda_runs_on_cuda_where_it_exists_and_is_refused_where_not(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda = EncoderOptions(providers=("cuda",), precision="fp32", warmup=False)
+    cpu = OnnxEncoder(bundle, EncoderOptions(precision="fp32", warmup=False))
+    if CUDA in ort.get_available_providers():
+        gpu = OnnxEncoder(bundle, cuda)
+        assert gpu.text_providers[0] == CUDA and gpu.vision_providers[0] == CUDA
+        # Same fp32 graphs; the CUDA kernels (TF32 matmuls by default) round differently,
+        # so the bar is the GPU parity bar, not equality.
+        cosines = np.sum(gpu.encode_text(TEXTS) * cpu.encode_text(TEXTS), axis=1)
+        assert cosines.min() >= 0.999, cosines
+        pixels = images(cpu, 7)
+        cosines = np.sum(gpu.encode_images(pixels) * cpu.encode_images(pixels), axis=1)
+        assert cosines.min() >= 0.999, cosines
+        return
     with pytest.raises(ProviderUnavailable, match=r"'cuda'.*--allow-cpu-fallback"):
-        OnnxEncoder(bundle, EncoderOptions(providers=("cuda",), warmup=False))
-    with pytest.raises(ProviderUnavailable, match="tensorrt"):
-        resolve_providers(("tensorrt", "cuda", "cpu"), available, allow_cpu_fallback=False)
+        OnnxEncoder(bundle, cuda)
     fallback = OnnxEncoder(
-        bundle,
-        EncoderOptions(providers=("cuda", "cpu"), allow_cpu_fallback=True, precision="fp32"),
+        bundle, replace(cuda, providers=("cuda", "cpu"), allow_cpu_fallback=True)
     )
-    assert fallback.text_providers == ["CPUExecutionProvider"]
-    assert fallback.vision_providers == ["CPUExecutionProvider"]
-    assert fallback.encode_text(["still works"]).shape == (1, fallback.dim)
+    assert fallback.text_providers == [CPU] and fallback.vision_providers == [CPU]
+    np.testing.assert_allclose(fallback.encode_text(TEXTS), cpu.encode_text(TEXTS), atol=1e-6)
+    # A provider this onnxruntime lists but cannot start (onnxruntime-gpu without the CUDA
+    # libraries) makes ORT fall back to CPU with only a log line: the encoder refuses that.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with pytest.raises(ProviderUnavailable, match=r"runs on CPUExecutionProvider"):
+        OnnxEncoder(bundle, cuda)
+    fallback = OnnxEncoder(bundle, replace(cuda, allow_cpu_fallback=True))
+    assert fallback.text_providers == [CPU]
 
 
 def test_warmup_runs_both_towers_at_each_batch_size(
@@ -146,7 +183,9 @@ def test_warmup_runs_both_towers_at_each_batch_size(
 
 async def test_pipeline_gives_the_encoders_vectors_with_timings(bundle: Bundle) -> None:
     encoder = OnnxEncoder(bundle, EncoderOptions(precision="fp32", warmup=False))
-    pipeline = EncodingPipeline(encoder, max_batch_size=4, max_wait_ms=1)
+    pipeline = EncodingPipeline(
+        encoder, encoder.tokenizer, encoder.preprocessor, max_batch_size=4, max_wait_ms=1
+    )
     await pipeline.start()
     try:
         jpegs = [encode(pattern((120, 80 + 10 * i), seed=i), "JPEG", quality=92) for i in range(6)]

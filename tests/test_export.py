@@ -244,7 +244,7 @@ def test_padding_after_eos_does_not_change_the_text_embedding(bundle: Bundle) ->
 def test_a_missed_bar_exits_non_zero_naming_tower_precision_and_shortfall(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from clipsearch.client.cli import main
+    from clipsearch.cli import main
 
     monkeypatch.setitem(PARITY_BARS, "fp32", 1.01)
     out = tmp_path / "bundle"

@@ -8,6 +8,9 @@ the bundle named by CLIPSEARCH_TEST_MODEL (these tests need no particular model)
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -341,6 +344,59 @@ def test_reingest_upserts_and_skip_existing_skips(stub: pb_grpc.ClipSearchStub) 
     assert stub.Count(pb.CountRequest(collection="again")).count == 6
 
 
+def cjk(count: int, start: int = 0) -> str:
+    """`count` CJK characters: three UTF-8 bytes each."""
+    return "".join(chr(0x4E00 + (start + i) % 20000) for i in range(count))
+
+
+def test_one_streams_bad_items_never_fail_or_show_in_another_stream(tmp_path: Path) -> None:
+    # A long group-commit wait puts both streams' items in the same write batches.
+    server_settings = settings(tmp_path, ingest_write_wait_ms=100.0, ingest_write_batch=256)
+    good = [item(i, id=f"good-{i}", caption=f"good caption {i}") for i in range(24)]
+    bad_items = {
+        **{f"id-{i}": {"id": cjk(200, 200 * i)} for i in range(12)},  # 600 bytes > 512
+        "uri": {"id": "bad-uri", "uri": cjk(1500)},  # 1500 characters, 4500 bytes
+        "caption": {"id": "bad-caption", "caption": cjk(3000)},  # 9000 bytes > 8192
+        "control": {"id": "bad-control", "caption": "nul \x00 inside"},
+        "deep": {"id": "bad-deep", "metadata_json": "[" * 30_000 + "]" * 30_000},
+        "too-deep": {"id": "bad-depth", "metadata_json": '{"a": ' + "[" * 70 + "]" * 70 + "}"},
+        "nan": {"id": "bad-nan", "metadata_json": '{"x": NaN}'},
+    }
+    mixed = [item(100 + n, **fields) for n, fields in enumerate(bad_items.values())] + [
+        item(200 + i, id=f"other-{i}") for i in range(6)
+    ]
+    all_ids = [r.item.id for r in good + mixed]
+    with (
+        ThreadedServer(server_settings) as server,
+        grpc.insecure_channel(server.address) as ch,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        stub = pb_grpc.ClipSearchStub(ch)
+        runs = [
+            pool.submit(lambda r=requests: list(stub.Ingest(iter(r), timeout=120)))
+            for requests in ([options("shared"), *good], [options("shared"), *mixed])
+        ]
+        good_acks, mixed_acks = (run.result() for run in runs)
+        count = stub.Count(pb.CountRequest(collection="shared"), timeout=10).count
+    assert [(a.status, a.error) for a in good_acks] == [(pb.INGEST_STATUS_OK, "")] * 24
+    # The write's time is the store's (search_us), the towers' is inference_us.
+    assert all(a.timing.search_us > 0 and a.timing.inference_us > 0 for a in good_acks)
+    by_seq = {a.seq: a for a in mixed_acks}
+    assert sorted(by_seq) == sorted(r.item.seq for r in mixed)
+    for seq in range(100, 100 + len(bad_items)):
+        ack = by_seq[seq]
+        assert ack.status == pb.INGEST_STATUS_FAILED
+        assert ack.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0], ack.error[:200]
+        others = [i for i in all_ids if i != ack.id]
+        assert not any(other in ack.error for other in others), ack.error[:200]
+    for label, seq in (("id-0", 100), ("uri", 112), ("caption", 113)):
+        assert "bytes" in by_seq[seq].error, label
+    assert "control character" in by_seq[114].error
+    assert "more than 64 levels" in by_seq[116].error  # the depth limit is named
+    assert {by_seq[200 + i].status for i in range(6)} == {pb.INGEST_STATUS_OK}
+    assert count == 24 + 6
+
+
 def test_ingest_must_start_with_options(stub: pb_grpc.ClipSearchStub) -> None:
     code, message = code_of(lambda: list(stub.Ingest(iter([item(1)]), timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "IngestOptions" in message
@@ -519,3 +575,24 @@ def test_token_auth_guards_calls_but_not_health(tmp_path: Path) -> None:
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
         code, _ = code_of(lambda: list(stub.EncodeStream(iter([pb.EncodeRequest()]), timeout=5)))
         assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_start_up_logs_no_dependency_chatter(tmp_path: Path) -> None:
+    code = (
+        "import logging, sys\n"
+        "from clipsearch.server.app import configure_logging\n"
+        "from clipsearch.server.store import MilvusStore\n"
+        "configure_logging('info')\n"
+        "MilvusStore(sys.argv[1]).close()\n"
+        "print(logging.getLogger('pymilvus').level)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "quiet.db")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "faiss" not in run.stderr  # no "Loading faiss with AVX2 support" lines
+    assert "MilvusLite server started" in run.stderr  # the store's own INFO lines remain
+    assert run.stdout.strip() == str(logging.CRITICAL)

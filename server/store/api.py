@@ -1,8 +1,9 @@
 """The vector store contract: what the service needs from a vector database.
 
 All methods are synchronous and safe to call from several threads at once (the service
-calls them through `asyncio.to_thread`). Vectors are float32 and L2-normalized, so the inner
-product is the cosine similarity: every score is a cosine, higher is better.
+calls them through `AsyncStore`, which runs them in its thread pool). Vectors are float32
+and L2-normalized, so the inner product is the cosine similarity: every score is a cosine,
+higher is better.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# Fields a search may return besides id and score; an empty request means all of them.
-OUTPUT_FIELDS = ("uri", "caption", "metadata")
+from clipsearch.server.limits import OUTPUT_FIELDS
+
+__all__ = ["OUTPUT_FIELDS", "CollectionInfo", "StoreHit", "StoredItem", "Target", "VectorStore"]
 
 
 class Target(enum.Enum):

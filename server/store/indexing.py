@@ -9,11 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipsearch.server.errors import ConfigurationError, InvalidInput
-
-INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
-METRICS = ("IP", "COSINE")
-# Milvus caps top_k + offset of one search at 16384.
-MAX_RESULT_WINDOW = 16384
+from clipsearch.server.limits import INDEX_TYPES, MAX_RESULT_WINDOW, METRICS
 
 DEFAULT_BUILD_PARAMS: dict[str, dict[str, int]] = {
     "FLAT": {},

@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from clipsearch.server import limits
 from clipsearch.server.errors import (
     AlreadyExists,
     ClipsearchError,
@@ -60,10 +61,10 @@ from clipsearch.server.errors import (
     NotFound,
     Unavailable,
 )
+from clipsearch.server.limits import is_milvus_lite
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import expressions, milvus_errors, validation
 from clipsearch.server.store.api import (
-    OUTPUT_FIELDS,
     CollectionInfo,
     StoredItem,
     StoreHit,
@@ -131,10 +132,7 @@ class MilvusStore:
         self._collections: dict[str, _Collection] = {}
         self._reads = ReadConsistency()
         self._closed = False
-        # pymilvus logs every failed call with a traceback at ERROR; the store turns them
-        # into domain errors that the service reports, so that log would only repeat them.
-        logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
-        self._lite = LiteDatabase.open(uri) if "://" not in uri else None
+        self._lite = LiteDatabase.open(uri) if is_milvus_lite(uri) else None
         self._flusher = (
             MemtableFlusher(self._flush_idle, every_rows=lite_flush_rows) if self._lite else None
         )
@@ -223,11 +221,9 @@ class MilvusStore:
         self, name: str, vector_field: str, dim: int, properties: dict[str, str]
     ) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field(
-            "id", DataType.VARCHAR, is_primary=True, max_length=validation.MAX_ID_BYTES
-        )
-        schema.add_field("uri", DataType.VARCHAR, max_length=validation.MAX_URI_BYTES)
-        schema.add_field("caption", DataType.VARCHAR, max_length=validation.MAX_CAPTION_BYTES)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=limits.MAX_ID_BYTES)
+        schema.add_field("uri", DataType.VARCHAR, max_length=limits.MAX_URI_BYTES)
+        schema.add_field("caption", DataType.VARCHAR, max_length=limits.MAX_CAPTION_BYTES)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field(vector_field, DataType.FLOAT_VECTOR, dim=dim)
         index_params = MilvusClient.prepare_index_params()
@@ -392,7 +388,7 @@ class MilvusStore:
         check_window(top_k, offset)
         collection = self._collection(name)
         query = validation.unit_vector(vector, collection.dim, "query vector")
-        fields = _output_fields(output_fields)
+        fields = validation.output_fields(output_fields)
         expression = expressions.all_of(filter, expressions.excluding(_unique_ids(exclude_ids)))
         if target is Target.IMAGE:
             searched, anns_field = collection.name, IMAGE_VECTOR
@@ -586,18 +582,12 @@ class MilvusStore:
 def _rows(item: StoredItem, dim: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The item's row in the main collection and, if it has a caption vector, in the
     companion. Raises InvalidInput naming the item."""
-    validation.check_id(item.id)
-    validation.check_text(item.uri, "uri", validation.MAX_URI_BYTES, item.id)
-    validation.check_text(item.caption, "caption", validation.MAX_CAPTION_BYTES, item.id)
-    validation.check_metadata(item.metadata, item.id)
-    if item.image_vector is None:
-        raise InvalidInput(f"item {item.id!r} has no image vector")
+    item = validation.check_item(item, dim)
     scalars = {"id": item.id, "uri": item.uri, "caption": item.caption, "metadata": item.metadata}
-    image = validation.unit_vector(item.image_vector, dim, f"item {item.id!r}: image vector")
+    image_row = {**scalars, IMAGE_VECTOR: item.image_vector}
     if item.caption_vector is None:
-        return {**scalars, IMAGE_VECTOR: image}, None
-    caption = validation.unit_vector(item.caption_vector, dim, f"item {item.id!r}: caption vector")
-    return {**scalars, IMAGE_VECTOR: image}, {**scalars, CAPTION_VECTOR: caption}
+        return image_row, None
+    return image_row, {**scalars, CAPTION_VECTOR: item.caption_vector}
 
 
 def _batches(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -608,17 +598,6 @@ def _unique_ids(ids: Sequence[str]) -> list[str]:
     if isinstance(ids, str):
         raise InvalidInput("ids must be a list of strings, not one string")
     return list(dict.fromkeys(ids))
-
-
-def _output_fields(requested: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(requested, str):
-        raise InvalidInput("output_fields must be a list of field names, not one string")
-    unknown = [f for f in requested if f not in OUTPUT_FIELDS]
-    if unknown:
-        raise InvalidInput(
-            f"unknown output field {unknown[0]!r}: choose from {', '.join(OUTPUT_FIELDS)}"
-        )
-    return tuple(dict.fromkeys(requested)) or OUTPUT_FIELDS
 
 
 def _vector(value: Any) -> np.ndarray:

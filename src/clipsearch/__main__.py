@@ -1,5 +1,5 @@
 import sys
 
-from clipsearch.client.cli import main
+from clipsearch.cli import main
 
 sys.exit(main())
