@@ -3,8 +3,10 @@
 A bundle is a directory:
 
     manifest.json      this module's `Manifest`
-    tokenizer.json     a `tokenizers` tokenizer (byte-level BPE for CLIP)
-    text.onnx          input_ids[batch, seq] int64 -> text_embeds[batch, dim]
+    tokenizer.json     a `tokenizers` tokenizer (byte-level BPE for CLIP, WordPiece for
+                       BERT-style towers, SentencePiece Unigram for SigLIP)
+    text.onnx          text.inputs, each int64 [batch, seq] (input_ids; attention_mask,
+                       token_type_ids where listed) -> text_embeds[batch, dim]
     vision.onnx        pixel_values[batch, 3, H, W] float32 -> image_embeds[batch, dim]
     text.int8.onnx ... one pair of files per extra precision variant
 
@@ -247,4 +249,9 @@ def load_bundle(root: str | Path) -> Bundle:
 
 def default_bundle_path() -> Path:
     """The demo model committed with the package: the server's default."""
-    return Path(__file__).resolve().parent / "models" / "demo"
+    return committed_bundle_path("demo")
+
+
+def committed_bundle_path(name: str) -> Path:
+    """A model committed with the package: "demo" (CLIP) or "demo-zh" (Chinese-CLIP)."""
+    return Path(__file__).resolve().parent / "models" / name
