@@ -74,14 +74,14 @@ def chinese_clip_checkpoint(factory: pytest.TempPathFactory) -> Path:
 
 
 def exported(factory: pytest.TempPathFactory, key: str, checkpoint: Path, **kwargs: Any) -> Path:
-    """The checkpoint exported as fp32 + int8 (the exporter has checked parity)."""
+    """The checkpoint exported as fp32, int8 and fp16 (the exporter has checked parity)."""
 
     def build(root: Path) -> Path:
         from clipsearch.export.exporter import export_bundle
 
         out = root / "bundle"
         export_bundle(
-            checkpoint, out, precisions=("fp32", "int8"), progress=lambda _: None, **kwargs
+            checkpoint, out, precisions=("fp32", "int8", "fp16"), progress=lambda _: None, **kwargs
         )
         return out
 
