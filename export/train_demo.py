@@ -5,7 +5,10 @@
 scenes with English and Chinese captions, is saved in HF format (with its byte-level BPE
 tokenizer and a CLIPImageProcessor config), exported through the same path as any CLIP
 checkpoint, and evaluated on held-out scenes through the server's ONNX encoder; the figures
-go into the manifest's `evaluation`.
+go into the manifest's `evaluation`. `--architecture chinese_clip` trains the second demo
+model (server/models/demo-zh) with the same recipe as a `ChineseCLIPModel`: a BERT text
+tower over a WordPiece vocabulary of the captions in both languages (export/demo_wordpiece.py),
+images resized straight to the square as the OFA-Sys checkpoints are.
 
 What makes it learn on a CPU in minutes (see docs/MODELS.md for the measurements):
 - every batch is freshly rendered (no epoch, no overfitting) from one seeded generator;
