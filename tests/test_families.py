@@ -499,3 +499,33 @@ def test_strict_text_length_is_a_server_setting(chinese_clip: tuple[Path, Bundle
     lenient = served(bundle)
     assert lenient.tokenizer.tokenize(["一" * 51])[0].truncated
     assert lenient.encode_text(["一" * 51]).shape == (1, family_fixtures.PROJECTION)
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "text", "vision", "message"),
+    [
+        ("ckpt", "st-model", "clip", "give the checkpoint or --text, not both"),
+        ("", "st-model", "", "--text and --vision go together"),
+        ("ckpt", "", "clip", "--text and --vision go together"),
+        ("", "", "", "give a checkpoint"),
+    ],
+)
+def test_export_command_checks_its_checkpoint_arguments(
+    checkpoint: str, text: str, vision: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from clipsearch.export.exporter import main
+
+    args = argparse.Namespace(
+        checkpoint=checkpoint,
+        text=text,
+        vision=vision,
+        out="unused",
+        precision="fp32",
+        opset=17,
+        name="",
+        revision="",
+    )
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
