@@ -18,7 +18,8 @@ QUERIES = [
     ("红色的圆形", ("red", "circle")),
     ("blue square", ("blue", "square")),
     ("一个黄色的五角星", ("yellow", "star")),
-    ("a green triangle", ("green", "triangle")),
+    ("a purple triangle", ("purple", "triangle")),
+    ("蓝色的五角星", ("blue", "star")),
     ("紫色的方块", ("purple", "square")),
 ]
 
