@@ -42,6 +42,14 @@ RUN useradd --create-home --uid 10001 --user-group clipsearch && mkdir /data \
 USER 10001:10001
 WORKDIR /data
 EXPOSE 50051
+# 0.0.0.0 so that a published port (-p) reaches the server. Without a token and TLS it logs
+# a WARNING at start-up saying that anyone who can reach the port can read and drop every
+# collection. Give it both (docs/SECURITY.md), e.g. with Docker secrets:
+#   -e CLIPSEARCH_AUTH_TOKEN_FILE=/run/secrets/clipsearch_token
+#   -e CLIPSEARCH_TLS_CERT=/run/secrets/server.pem -e CLIPSEARCH_TLS_KEY=/run/secrets/server.key
+# With TLS the health check below needs CLIPSEARCH_TLS_CA (and CLIPSEARCH_TLS_SERVER_NAME
+# unless the certificate names 127.0.0.1); with mutual TLS also CLIPSEARCH_TLS_CLIENT_CERT
+# and CLIPSEARCH_TLS_CLIENT_KEY. Never pass the token as --auth-token: argv is world-readable.
 ENV CLIPSEARCH_HOST=0.0.0.0 CLIPSEARCH_MILVUS_URI=/data/clipsearch.db
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
     CMD ["clipsearch", "health", "--server", "127.0.0.1:50051"]

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from clipsearch.cli import require
+from clipsearch.defaults import DEFAULT_ADDRESS
+
+# The same as clipsearch.bench.load_workload.SCENARIOS (kept here: --help imports nothing heavy).
+LOAD_SCENARIOS = (
+    "encode-text",
+    "encode-image",
+    "search-text",
+    "search-image",
+    "search-vector",
+    "ingest",
+)
 
 
 def register(commands: Any) -> None:
@@ -52,10 +64,11 @@ def register(commands: Any) -> None:
         "latency",
         help="search latency and throughput of a real server process at 1/8/32 clients",
         description=(
-            "Starts 'clipsearch serve' (the demo model unless --model; Milvus Lite in a temp "
-            "dir unless --milvus-uri), ingests a generated gallery, then runs text searches "
-            "from 1, 8 and 32 client threads and prints queries/s, round-trip p50/p99 and the "
-            "server's own breakdown (queue, inference, search) taken from the replies."
+            "A preset of 'bench load': starts 'clipsearch serve' (the demo model unless --model; "
+            "Milvus Lite in a temp dir unless --milvus-uri), ingests a generated gallery, then "
+            "runs a closed-loop search-text sweep at 1, 8 and 32 concurrent requests and prints "
+            "queries/s, round-trip percentiles and the server's own breakdown (queue, "
+            "preprocess, inference, search) taken from the replies."
         ),
     )
     latency.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -68,11 +81,92 @@ def register(commands: Any) -> None:
         type=int,
         nargs="+",
         default=[1, 8, 32],
-        help="client thread counts (default: 1 8 32)",
+        help="concurrent requests per step (default: 1 8 32)",
     )
     latency.add_argument("--model", default="", help="model bundle (default: the demo model)")
     latency.add_argument("--milvus-uri", default="", help="Milvus (default: Lite in a temp dir)")
     latency.set_defaults(handler=_run_latency)
+    _register_load(kinds)
+
+
+def _register_load(kinds: Any) -> None:
+    load: argparse.ArgumentParser = kinds.add_parser(
+        "load",
+        help="load a running server: concurrency sweeps, open-loop rates, tables, JSON, plots",
+        description=(
+            "Sends one scenario (or a weighted --mix) to a running server, in closed loop at "
+            "each --concurrency or in open loop at each --rate (latency from the time each "
+            "request was due, so overload shows; requests that find --max-in-flight calls "
+            "outstanding wait, and count as late or, past the step's end, dropped). Each step: "
+            "--warmup unmeasured, then at most --duration seconds and --max-requests "
+            "requests. Prints a row per step: throughput, latency percentiles, errors by "
+            "status code, the server's mean batch size and stage times next to the client "
+            "round trip. Loopback addresses only, unless --allow-remote."
+        ),
+    )
+    load.add_argument(
+        "--server",
+        default=os.environ.get("CLIPSEARCH_SERVER", DEFAULT_ADDRESS),
+        metavar="HOST:PORT",
+        help=f"server address (default: $CLIPSEARCH_SERVER or {DEFAULT_ADDRESS})",
+    )
+    load.add_argument(
+        "--scenario", choices=LOAD_SCENARIOS, default="search-text", help="(default: search-text)"
+    )
+    load.add_argument(
+        "--mix",
+        default="",
+        metavar="NAME=W,...",
+        help="weighted scenarios, e.g. search-text=3,ingest=1",
+    )
+    load.add_argument(
+        "--concurrency",
+        default="",
+        metavar="N,N,...",
+        help="closed-loop sweep (default when no --rate: 1,4,16,64)",
+    )
+    load.add_argument("--rate", default="", metavar="R,R,...", help="open-loop sweep, requests/s")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds per step (default: 10)")
+    load.add_argument(
+        "--max-requests", type=int, default=None, help="measured requests per step at most"
+    )
+    load.add_argument(
+        "--warmup", type=float, default=2.0, help="unmeasured seconds before each step (default: 2)"
+    )
+    load.add_argument("--collection", default=None, help="(default: the server's default)")
+    load.add_argument("--top-k", type=int, default=10, help="hits per search (default: 10)")
+    load.add_argument(
+        "--image-size", type=int, default=224, help="side of the generated JPEGs (default: 224)"
+    )
+    load.add_argument(
+        "--ingest-items", type=int, default=1, help="items per ingest request (default: 1)"
+    )
+    load.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=512,
+        help="open loop: calls outstanding at most (default: 512)",
+    )
+    load.add_argument(
+        "--processes", type=int, default=1, help="load-generating processes (default: 1)"
+    )
+    load.add_argument("--timeout", type=float, default=30.0, help="deadline per call (default: 30)")
+    load.add_argument(
+        "--token",
+        default=os.environ.get("CLIPSEARCH_TOKEN") or None,
+        help="bearer token (default: $CLIPSEARCH_TOKEN)",
+    )
+    load.add_argument("--seed", type=int, default=0, help="payloads and mix choices (default: 0)")
+    load.add_argument("--json", action="store_true", help="print the results as JSON")
+    load.add_argument("--plot", default="", metavar="FILE.png", help="draw the sweep")
+    load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load.add_argument(
+        "--no-ceiling", action="store_true", help="skip measuring the generator's own ceiling"
+    )
+    load.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback server address"
+    )
+    load.set_defaults(handler=_run_load)
 
 
 def _run_encoder(args: argparse.Namespace) -> int:
@@ -85,5 +179,16 @@ def _run_encoder(args: argparse.Namespace) -> int:
 def _run_latency(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.bench.latency import main
+
+    return main(args)
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    scenarios = [args.scenario, *(part.split("=")[0].strip() for part in args.mix.split(","))]
+    if {"encode-image", "search-image", "ingest"}.intersection(scenarios):
+        require("runtime", "PIL")  # the generated JPEGs
+    if args.plot:
+        require("bench", "matplotlib")
+    from clipsearch.bench.load import main
 
     return main(args)

@@ -1,8 +1,10 @@
 """Client subcommands: ingest, search, profile, count, get, delete, collections, info.
 
-Each takes `--server` (default $CLIPSEARCH_SERVER or 127.0.0.1:50051), `--timeout` and
-`--token` (default $CLIPSEARCH_TOKEN). A failed call prints `clipsearch CMD: CODE: message`
-on stderr and exits 1 (2 for local problems such as an unreadable file); never a traceback.
+Each takes `--server` (default $CLIPSEARCH_SERVER or 127.0.0.1:50051), `--timeout`, the
+token (`--token-file`, $CLIPSEARCH_TOKEN, or `--token`) and the TLS options (`--tls-ca`,
+`--tls-cert`/`--tls-key` for mutual TLS; see `clipsearch.connection_options`). A failed
+call prints `clipsearch CMD: CODE: message` on stderr and exits 1 (2 for local problems such
+as an unreadable file); never a traceback.
 Handlers import the client only when they run.
 """
 
@@ -18,11 +20,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipsearch import connection_options
 from clipsearch.defaults import DEFAULT_ADDRESS
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from clipsearch.client.channel import TlsConfig
     from clipsearch.client.client import Client
     from clipsearch.client.types import Hit, IngestSummary, SearchResult
 
@@ -39,7 +43,7 @@ ClientHandler = Callable[[argparse.Namespace, "Client"], int | None]
 
 
 def register(commands: Any) -> None:
-    common = _common_options()
+    common = connection_parser()
     _register_ingest(commands, common)
     _register_search(commands, common)
     _register_profile(commands, common)
@@ -50,7 +54,7 @@ def register(commands: Any) -> None:
     _register_info(commands, common)
 
 
-def _common_options() -> argparse.ArgumentParser:
+def connection_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
     group.add_argument(
@@ -66,11 +70,8 @@ def _common_options() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="deadline of each call (default: 30)",
     )
-    group.add_argument(
-        "--token",
-        default=os.environ.get("CLIPSEARCH_TOKEN") or None,
-        help="bearer token for a server started with --auth-token (default: $CLIPSEARCH_TOKEN)",
-    )
+    connection_options.add_token_options(group)
+    connection_options.add_tls_options(group)
     return common
 
 
@@ -94,8 +95,12 @@ def _with_client(handler: ClientHandler) -> Callable[[argparse.Namespace], int]:
         from clipsearch.client.errors import ClipsearchError
         from clipsearch.client.sources import SourceError
 
+        if connection_options.token_on_command_line(args):
+            _error(args, connection_options.TOKEN_ON_COMMAND_LINE)
         try:
-            with Client(args.server, timeout=args.timeout, token=args.token) as client:
+            token = connection_options.bearer_token(args)
+            tls = tls_config(args)
+            with Client(args.server, timeout=args.timeout, token=token, tls=tls) as client:
                 return int(handler(args, client) or 0)
         except ClipsearchError as exc:
             _error(args, f"{exc.code.name}: {exc.message}")
@@ -107,6 +112,20 @@ def _with_client(handler: ClientHandler) -> Callable[[argparse.Namespace], int]:
             return EXIT_LOCAL_ERROR
 
     return run
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    from clipsearch.client.channel import TlsConfig
+
+    files = connection_options.tls_files(args)
+    if files is None:
+        return None
+    return TlsConfig(
+        root_certificates=files.root_certificates,
+        certificate_chain=files.certificate_chain,
+        private_key=files.private_key,
+        server_name_override=files.server_name,
+    )
 
 
 def _error(args: argparse.Namespace, message: str) -> None:

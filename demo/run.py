@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from clipsearch.export.demo_data import GalleryItem, generate_gallery, read_mani
 from clipsearch.server.process import ServerProcess
 
 COLLECTION = "demo"
+# Called with the running server's address and the gallery folder once the queries are done;
+# it returns when the demo may stop (`clipsearch demo --web` serves the page until Ctrl-C).
+Hold = Callable[[str, Path], None]
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def hit_matches(metadata: dict[str, object], expect: tuple[str, str]) -> bool:
     return any((not colour or c == colour) and s == shape for c, s in objects)
 
 
-def run_demo(out: Path, n: int, top_k: int, seed: int) -> int:
+def run_demo(out: Path, n: int, top_k: int, seed: int, hold: Hold | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gallery = out / "gallery"
     started = time.perf_counter()
@@ -110,9 +114,11 @@ def run_demo(out: Path, n: int, top_k: int, seed: int) -> int:
             print(f"5. result grid: {grid_path}")
             print("6. where the time of one search goes:")
             print(client.profile("a red circle", collection=COLLECTION, repeat=5).render())
+        if hold is not None:
+            hold(address, gallery)
     finally:
         code = server.stop()
-        print(f"7. server stopped (exit code {code})")
+        print(f"{8 if hold else 7}. server stopped (exit code {code})")
     print(f"mean precision@{top_k} over the queries (of the images that exist): {precision:.2f}")
     return 0 if code == 0 else 1
 
@@ -168,5 +174,5 @@ def ask_queries(
     return rows, sum(precisions) / len(precisions)
 
 
-def main(args: argparse.Namespace) -> int:
-    return run_demo(Path(args.out), args.n, args.top_k, args.seed)
+def main(args: argparse.Namespace, hold: Hold | None = None) -> int:
+    return run_demo(Path(args.out), args.n, args.top_k, args.seed, hold)

@@ -9,14 +9,16 @@ batchers, writers and store close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from grpc import aio
@@ -27,12 +29,19 @@ from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.bundle import Bundle, Manifest, default_bundle_path, load_bundle
 from clipsearch.server.catalog import Catalog
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
-from clipsearch.server.errors import ConfigurationError
+from clipsearch.server.errors import ConfigurationError, Unavailable
 from clipsearch.server.fake import FakeBackend
 from clipsearch.server.ingest import CollectionWriters
 from clipsearch.server.interceptors import AuthInterceptor, ErrorInterceptor, Interceptor
 from clipsearch.server.pipeline import EncodingPipeline, InferenceBackend
 from clipsearch.server.search import Searcher
+from clipsearch.server.security import (
+    ListenError,
+    bearer_token,
+    check_port_free,
+    exposure_warning,
+    server_credentials,
+)
 from clipsearch.server.service import ClipSearchService, Runtime
 from clipsearch.server.settings import Settings
 from clipsearch.server.store import MilvusStore, VectorStore
@@ -45,6 +54,7 @@ log = logging.getLogger("clipsearch.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClipSearch"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+T = TypeVar("T")
 
 
 def _version(package: str) -> str:
@@ -144,9 +154,11 @@ class ClipSearchServer:
         self.startup_error: BaseException | None = None
         self._ready = asyncio.Event()
         self._warm_task: asyncio.Task[None] | None = None
+        self._token = bearer_token(settings)
+        self._credentials = server_credentials(settings)
         interceptors: list[Interceptor] = [ErrorInterceptor()]
-        if settings.auth_token:
-            interceptors.insert(0, AuthInterceptor(settings.auth_token))
+        if self._token:
+            interceptors.insert(0, AuthInterceptor(self._token))
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.grpc_server = aio.server(
             interceptors=interceptors,
@@ -157,6 +169,9 @@ class ClipSearchServer:
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # gRPC's default SO_REUSEPORT lets a second server bind this port and take
+                # half of the calls; a taken port must be an error.
+                ("grpc.so_reuseport", 0),
             ],
         )
 
@@ -174,32 +189,58 @@ class ClipSearchServer:
         )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, NOT_SERVING)
-        self.port = self.grpc_server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.host}:{self.settings.port}")
+        self.port = self._listen()
         await self.grpc_server.start()
-        log.info("listening on %s; loading the model", self.address)
+        log.info(
+            "listening on %s%s; loading the model",
+            self.address,
+            " (mutual TLS)"
+            if self.settings.tls_client_ca
+            else " (TLS)"
+            if self.settings.tls
+            else "",
+        )
+        warning = exposure_warning(self.settings.replace(port=self.port), self._token)
+        if warning:
+            log.warning("%s", warning)
         self._warm_task = asyncio.create_task(self._warm_up())
         return self.port
+
+    def _listen(self) -> int:
+        host, port = self.settings.host, self.settings.port
+        check_port_free(host, port)
+        address = f"{host}:{port}"
+        try:
+            if self._credentials is None:
+                bound = self.grpc_server.add_insecure_port(address)
+            else:
+                bound = self.grpc_server.add_secure_port(address, self._credentials)
+        except RuntimeError:  # gRPC says only "Failed to bind"; its own log line says why
+            bound = 0
+        if bound == 0:
+            raise ListenError(f"cannot listen on {address}")
+        return bound
 
     async def _warm_up(self) -> None:
         settings = self.settings
         try:
-            bundle = await asyncio.to_thread(served_bundle, settings)
-            backend = await asyncio.to_thread(self.components.encoder, settings)
+            bundle = await _in_daemon_thread(served_bundle, settings)
+            backend = await _in_daemon_thread(self.components.encoder, settings)
             if backend.dim != bundle.manifest.dim:
                 raise ConfigurationError(
                     f"the inference backend makes {backend.dim}-d vectors, the bundle "
                     f"{bundle.manifest.name} {bundle.manifest.dim}-d"
                 )
-            store = AsyncStore(await asyncio.to_thread(self.components.store, settings))
+            store = AsyncStore(await _in_daemon_thread(self.components.store, settings))
             pipeline = EncodingPipeline.from_settings(backend, bundle, settings)
             await pipeline.start()
             self.service.runtime = Runtime(
                 settings=settings,
                 pipeline=pipeline,
                 store=store,
-                catalog=Catalog(store, bundle.manifest.model_id, backend.dim),
+                catalog=Catalog(
+                    store, bundle.manifest.model_id, backend.dim, settings.max_collections
+                ),
                 searcher=Searcher(pipeline, store),
                 writers=CollectionWriters(
                     store,
@@ -211,6 +252,8 @@ class ClipSearchServer:
                     bundle.manifest, backend, settings, _store_kind(store.store, settings)
                 ),
             )
+        except asyncio.CancelledError:  # stopped while starting: `stop` reports it
+            raise
         except BaseException as exc:
             self.startup_error = exc
             log.error("start-up failed: %s", exc, exc_info=not isinstance(exc, Exception))
@@ -240,6 +283,8 @@ class ClipSearchServer:
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
             await asyncio.gather(self._warm_task, return_exceptions=True)
+            self.startup_error = Unavailable("the server stopped before it was ready")
+            self._ready.set()
         runtime, self.service.runtime = self.service.runtime, None
         if runtime is not None:
             await runtime.writers.close()
@@ -266,21 +311,61 @@ def quiet_dependencies() -> None:
     logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread` on a daemon thread: a signal during start-up ends the process at
+    once instead of waiting (at interpreter exit) for the model or the store to finish
+    loading."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"start-up:{fn.__name__}", daemon=True).start()
+    return await future
+
+
 async def serve(settings: Settings, ready_file: Path | None = None) -> int:
-    """Run until SIGINT/SIGTERM; returns the process exit code."""
+    """Run until SIGINT/SIGTERM; returns the process exit code: 0 after a drain, 1 if
+    start-up failed, 128 + the signal's number if a signal came before the server was
+    ready."""
     server = ClipSearchServer(settings)
-    await server.start()
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
     ready = asyncio.create_task(server.wait_ready())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done() and ready.exception() is not None:
+    if not ready.done():
+        log.warning("%s before the server was ready: stopping", received[0].name)
+        ready.cancel()
+        await server.stop(grace=0)
+        return 128 + received[0].value
+    if ready.exception() is not None:
         await server.stop(grace=0)
         return 1
-    if ready.done() and ready_file is not None:
+    if ready_file is not None:
         await asyncio.to_thread(ready_file.write_text, server.address + "\n", "utf-8")
     await stopping
     ready.cancel()

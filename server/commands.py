@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipsearch import connection_options
 from clipsearch.cli import CommandParser, require
 from clipsearch.defaults import DEFAULT_ADDRESS
+
+EXIT_SIGNALLED = 128  # serve returns 128 + N when signal N came before it was ready
 
 
 def register(commands: Any) -> None:
@@ -47,6 +50,7 @@ def register(commands: Any) -> None:
         "--service", default="", help="service name to check (default: the whole server)"
     )
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    connection_options.add_tls_options(h)
     h.set_defaults(handler=_run_health)
 
 
@@ -64,8 +68,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "tokenizers", "PIL", "pymilvus")
-    from clipsearch.server.app import configure_logging, serve
+    from clipsearch.server.app import configure_logging, log, serve
     from clipsearch.server.errors import ConfigurationError
+    from clipsearch.server.security import ListenError
     from clipsearch.server.settings import Settings
 
     try:
@@ -74,7 +79,27 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"clipsearch serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    return asyncio.run(serve(settings, args.ready_file))
+    if args.auth_token:
+        log.warning(
+            "--auth-token on the command line is visible to every local user (ps, "
+            "/proc/PID/cmdline); use --auth-token-file or $CLIPSEARCH_AUTH_TOKEN"
+        )
+    try:
+        code = asyncio.run(serve(settings, args.ready_file))
+    except ConfigurationError as exc:
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:
+        print(f"clipsearch serve: {exc}", file=sys.stderr)
+        return 1
+    if code > EXIT_SIGNALLED:
+        # Stopped by a signal while starting: the model (and perhaps the store) is still
+        # loading in a daemon thread, and ONNX Runtime aborts if the interpreter finalizes
+        # under it. Nothing has been written yet, so leave without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run_health(args: argparse.Namespace) -> int:
@@ -82,7 +107,20 @@ def _run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    try:
+        tls = connection_options.tls_files(args)
+    except ValueError as exc:
+        print(f"clipsearch health: {exc}", file=sys.stderr)
+        return 2
+    if tls is None:
+        channel = grpc.insecure_channel(args.server)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            tls.root_certificates, tls.private_key, tls.certificate_chain
+        )
+        options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+        channel = grpc.secure_channel(args.server, credentials, options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(

@@ -78,6 +78,14 @@ class ModelMismatch(ClipsearchError):
     code = ErrorCode.FAILED_PRECONDITION
 
 
+class TooManyCollections(ClipsearchError):
+    """Creating one more collection would pass `max_collections`. FAILED_PRECONDITION, not
+    RESOURCE_EXHAUSTED: clients retry the latter, and no retry helps until a collection is
+    dropped or the limit raised."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+
+
 # --- load and availability --------------------------------------------------------------
 
 

@@ -150,6 +150,12 @@ class CollectionWriters:
             self._writers[collection] = writer
         return await writer.write(item)
 
+    async def discard(self, collection: str) -> None:
+        """Stop a dropped collection's writer."""
+        writer = self._writers.pop(collection, None)
+        if writer is not None:
+            await writer.close()
+
     async def close(self) -> None:
         self._closed = True
         writers, self._writers = list(self._writers.values()), {}

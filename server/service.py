@@ -384,7 +384,9 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         self, request: pb.DropCollectionRequest, context: Context
     ) -> pb.DropCollectionResponse:
         started = time.perf_counter()
-        store_us = await self._ready().catalog.drop(_named(request.name))
+        rt = self._ready()
+        store_us = await rt.catalog.drop(_named(request.name))
+        await rt.writers.discard(request.name)
         return with_timing(pb.DropCollectionResponse(), started, store_us=store_us)
 
 

@@ -42,6 +42,20 @@ class Settings:
     max_message_mb: int = _setting(64, "largest gRPC message accepted or sent, MiB")
     grace_period_s: float = _setting(10.0, "on SIGINT/SIGTERM, time given to calls in flight")
     auth_token: str = _setting("", "if set, every call needs 'authorization: Bearer TOKEN'")
+    # --- security and limits (docs/SECURITY.md)
+    auth_token_file: str = _setting(
+        "", "read the bearer token from this file (not visible in ps or /proc, unlike argv)"
+    )
+    tls_cert: str = _setting("", "server certificate chain, PEM file (with --tls-key: TLS)")
+    tls_key: str = _setting("", "private key of --tls-cert, PEM file")
+    tls_client_ca: str = _setting(
+        "", "CA bundle, PEM file: clients must present a certificate it signed (mutual TLS)"
+    )
+    max_collections: int = _setting(
+        64,
+        "most collections the store may hold (each costs threads and memory in Milvus Lite "
+        "and a writer here); creating one more fails with FAILED_PRECONDITION",
+    )
 
     # --- model
     model: str = _setting("", "model bundle directory (default: the committed demo model)")
@@ -123,11 +137,28 @@ class Settings:
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = ("port", "intra_op_threads", "preprocess_threads", "max_wait_ms")
         problems += [f"{n} must be >= 0" for n in non_negative if getattr(self, n) < 0]
+        problems += self._security_problems()
         unknown = [p for p in self.providers if p not in DEVICES]
         if unknown or not self.providers:
             problems.append(f"device={self.device!r}: use {', '.join(DEVICES)} (comma list)")
         if problems:
             raise ConfigurationError("invalid settings: " + "; ".join(problems))
+
+    def _security_problems(self) -> list[str]:
+        problems = []
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together (TLS needs both)")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.auth_token and self.auth_token_file:
+            problems.append("give auth_token or auth_token_file, not both")
+        if self.max_collections <= 0:
+            problems.append("max_collections must be > 0")
+        return problems
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def providers(self) -> tuple[str, ...]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from server_fixtures import ThreadedServer, quick_settings, served_model
+from tls_fixtures import make_pki, needs_openssl
 
 from clipsearch.cli import main
 from clipsearch.client import (
@@ -503,28 +502,9 @@ async def test_async_client_retries_like_the_sync_one() -> None:
 # --- TLS (the scripted servicer behind ssl_server_credentials) -----------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _issue(name: str, cwd: Path) -> None:
-    """`name`.key/.pem signed by ca.key/ca.pem, valid for DNS name `name`."""
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-             cwd=cwd)  # fmt: skip
-    (cwd / f"{name}.ext").write_text(f"subjectAltName=DNS:{name}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
-             cwd=cwd)  # fmt: skip
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI for certs")
+@needs_openssl
 def test_mutual_tls(tmp_path: Path) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca",
-             cwd=tmp_path)  # fmt: skip
-    _issue("clipsearch.test", tmp_path)
-    _issue("client.test", tmp_path)
+    make_pki(tmp_path)
     pem = {file.name: file.read_bytes() for file in tmp_path.iterdir()}
     credentials = grpc.ssl_server_credentials(
         [(pem["clipsearch.test.key"], pem["clipsearch.test.pem"])],

@@ -26,6 +26,7 @@ LIBRARIES = (
     "clipsearch.export",
     "clipsearch.demo",
     "clipsearch.bench",
+    "clipsearch.web",
     "clipsearch.v1",
 )
 INSTALL_TIMEOUT_S = 240
@@ -68,16 +69,16 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_libraries_import_neither_the_cli_nor_the_client() -> None:
     """The command line sits above every package: only `commands` modules import it (for
-    `require`), and only the client's own users (demo, bench) import the client."""
+    `require`), and only the client's own users (demo, bench, web) import the client."""
     offenders = []
-    for folder in ("server", "client", "export", "demo", "bench", "protos"):
+    for folder in ("server", "client", "export", "demo", "bench", "web", "protos"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             imported = imported_modules(path)
             if path.name != "commands.py" and any(
                 name == "clipsearch.cli" or name.startswith("clipsearch.cli.") for name in imported
             ):
                 offenders.append(f"{path.relative_to(ROOT)} imports clipsearch.cli")
-            if folder not in ("client", "demo", "bench") and any(
+            if folder not in ("client", "demo", "bench", "web") and any(
                 name.startswith("clipsearch.client") for name in imported
             ):
                 offenders.append(f"{path.relative_to(ROOT)} imports clipsearch.client")

@@ -40,7 +40,7 @@ from clipsearch.server.store import (
     Target,
 )
 from clipsearch.server.store.consistency import ReadConsistency
-from clipsearch.server.store.lite import MemtableFlusher
+from clipsearch.server.store.lite import LiteDatabase, MemtableFlusher
 from clipsearch.server.store.validation import COMPANION_SUFFIX
 
 DIM = 16
@@ -72,6 +72,10 @@ class Backend:
         if self.kind == "lite":
             return str(self.scratch / f"{uuid.uuid4().hex[:8]}.db")
         return self.uri
+
+    def endpoint(self) -> str:
+        """Where another pymilvus client of this process reaches the open database."""
+        return LiteDatabase.endpoint(self.uri) if self.kind == "lite" else self.uri
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -240,7 +244,7 @@ def test_unknown_collection_is_not_found_everywhere(store: MilvusStore) -> None:
 
 def test_foreign_collections_are_left_alone(backend: Backend, store: MilvusStore) -> None:
     foreign = f"foreign_{uuid.uuid4().hex[:8]}"
-    client = MilvusClient(backend.uri)  # on Lite, the same in-process database as `store`
+    client = MilvusClient(backend.endpoint())  # on Lite, the same database as `store`
     client.create_collection(foreign, dimension=DIM)
     try:
         assert foreign not in {info.name for info in store.list_collections()}

@@ -1,9 +1,10 @@
 """Milvus Lite database files opened by this process.
 
-pymilvus starts one in-process Milvus Lite server per `.db` path and keeps it (and the
-file's lock) until the process exits. Stores count their users of each path here, and the
-last one to close stops that server: the file's lock is released and a store opened later
-reads the data back from disk, as a restarted service would.
+Each `.db` path gets one in-process Milvus Lite server, on a unix socket in a private
+directory (not pymilvus's loopback TCP port, which any local user could reach). Stores
+count their users of each path here, and the last one to close stops that server: the
+file's lock is released and a store opened later reads the data back from disk, as a
+restarted service would.
 
 Milvus Lite 3.2 keeps new rows in a memtable until it holds 128 MiB, and every search
 converts each memtable row to Python objects: about 0.1 ms per 512-d row, so 10k unflushed
@@ -15,28 +16,83 @@ to it, and flushes the rest once the collection has had no write for a second
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from clipsearch.server.errors import ConfigurationError
+import grpc
+
+from clipsearch.server.errors import ConfigurationError, Unavailable
 
 FLUSH_EVERY_ROWS = 1024
 IDLE_FLUSH_S = 1.0
+LITE_SERVER_THREADS = 10  # as milvus_lite's own launcher
+LITE_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
 
+class _LiteServer:
+    """One Milvus Lite database served over gRPC on a unix socket only this user can open.
+
+    pymilvus's own launcher (`milvus_lite.server_manager`) listens on a loopback TCP port,
+    which every local user can reach and which has no authentication: anyone on the machine
+    could list, read and drop collections behind the server's back, whatever its token. A
+    socket in a fresh 0700 directory is reachable by this user (and root) only."""
+
+    def __init__(self, path: Path) -> None:
+        # Imported only where Lite is used; a server-only deployment never loads it.
+        from milvus_lite import MilvusLite  # noqa: PLC0415
+        from milvus_lite.adapter.grpc.servicer import MilvusServicer  # noqa: PLC0415
+        from pymilvus.grpc_gen import milvus_pb2_grpc  # noqa: PLC0415
+
+        self.db = MilvusLite(str(path))
+        self.directory = Path(tempfile.mkdtemp(prefix="clipsearch-lite-"))  # mode 0700
+        socket_path = self.directory / "milvus.sock"
+        self.uri = f"unix:{socket_path}"
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(LITE_SERVER_THREADS, thread_name_prefix="milvus-lite"),
+            options=[
+                ("grpc.max_receive_message_length", LITE_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", LITE_MAX_MESSAGE_BYTES),
+            ],
+        )
+        milvus_pb2_grpc.add_MilvusServiceServicer_to_server(MilvusServicer(self.db), self.server)
+        try:
+            if self.server.add_insecure_port(self.uri) == 0:
+                raise OSError(f"cannot listen on {self.uri}")
+            socket_path.chmod(0o600)
+            self.server.start()
+        except BaseException:
+            self.close()
+            raise
+        log.info("Milvus Lite %s served on %s (only this user can connect)", path, self.uri)
+
+    def close(self) -> None:
+        try:
+            self.server.stop(grace=2).wait()
+        finally:
+            self.db.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 @dataclass
 class LiteDatabase:
+    """A user of one Milvus Lite file; `uri` is where pymilvus reaches it."""
+
     path: Path
+    uri: str
     _released: bool = False
 
-    _users: ClassVar[dict[Path, int]] = {}
+    _servers: ClassVar[dict[Path, tuple[_LiteServer, int]]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
@@ -49,23 +105,51 @@ class LiteDatabase:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         with cls._lock:
-            cls._users[path] = cls._users.get(path, 0) + 1
-        return cls(path)
+            server, users = cls._servers.get(path, (None, 0))
+            if server is None:
+                try:
+                    server = _LiteServer(path)
+                except Exception as exc:
+                    raise Unavailable(
+                        f"cannot open Milvus Lite at {path}: {exc} "
+                        "(is another process using this file?)"
+                    ) from exc
+                if not cls._servers:
+                    atexit.register(cls._close_all)
+            cls._servers[path] = (server, users + 1)
+        return cls(path, server.uri)
+
+    @classmethod
+    def endpoint(cls, uri: str) -> str:
+        """The `unix:` URI of a database this process has open: other pymilvus clients in
+        this process reach it there (a second `MilvusClient(path)` would try to lock the
+        file again)."""
+        with cls._lock:
+            server, _ = cls._servers[Path(uri).expanduser().resolve()]
+        return server.uri
 
     def release(self) -> None:
+        """The last user of a file stops its server: the file's lock is released and a store
+        opened later reads the data back from disk, as a restarted service would."""
         if self._released:
             return
         self._released = True
-        with self._lock:
-            users = self._users.get(self.path, 1) - 1
-            if users > 0:
-                self._users[self.path] = users
+        with self._lock:  # held while closing, so a new open waits for the file's lock
+            server, users = self._servers.pop(self.path)
+            if users > 1:
+                self._servers[self.path] = (server, users - 1)
                 return
-            self._users.pop(self.path, None)
-            # Imported only where Lite is used; a server-only deployment never loads it.
-            from milvus_lite.server_manager import server_manager_instance  # noqa: PLC0415
+            server.close()
 
-            server_manager_instance.release_server(str(self.path))
+    @classmethod
+    def _close_all(cls) -> None:
+        with cls._lock:
+            servers, cls._servers = [server for server, _ in cls._servers.values()], {}
+        for server in servers:
+            try:
+                server.close()
+            except Exception as exc:  # at exit: close the others all the same
+                log.warning("closing Milvus Lite at exit: %s", exc)
 
 
 class MemtableFlusher:

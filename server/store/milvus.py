@@ -139,7 +139,7 @@ class MilvusStore:
         self._description = str(self._lite.path) if self._lite else _redacted(uri)
         try:
             self._client = MilvusClient(
-                uri=str(self._lite.path) if self._lite else uri, token=token, timeout=timeout_s
+                uri=self._lite.uri if self._lite else uri, token=token, timeout=timeout_s
             )
         except Exception as exc:
             if self._lite:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "clipsearch.client.commands",
     "clipsearch.demo.commands",
     "clipsearch.bench.commands",
+    "clipsearch.web.commands",
 )
 EXIT_MISSING_EXTRA = 2
 EXIT_INTERRUPTED = 130
