@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from image_fixtures import encode, pattern
 from PIL import Image
-from test_image_preprocessing import CASES
 
 from clipsearch.server.bundle import PARITY_BARS, Bundle, load_bundle
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
 from clipsearch.server.errors import InvalidInput
 from clipsearch.server.images import ImagePreprocessor
 from clipsearch.server.text import TextTokenizer
+from tests.test_image_preprocessing import CASES
 
 torch = pytest.importorskip("torch", reason="export needs the [export] extra")
 transformers = pytest.importorskip("transformers", reason="export needs the [export] extra")
