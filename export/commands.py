@@ -20,9 +20,10 @@ def register(commands: Any) -> None:
 def _register_export(commands: Any) -> None:
     p: argparse.ArgumentParser = commands.add_parser(
         "export",
-        help="turn a Hugging Face CLIP checkpoint into an ONNX model bundle",
+        help="turn a CLIP-family checkpoint into an ONNX model bundle",
         description=(
-            "Export the text and vision towers of a Hugging Face CLIP checkpoint to ONNX, "
+            "Export the text and vision towers of a CLIP, Chinese-CLIP, SigLIP or OpenCLIP "
+            "checkpoint (or a multilingual text model + a CLIP vision tower) to ONNX, "
             "with precision variants, tokenizer.json and manifest.json, and check parity "
             "against PyTorch on fixed inputs. Exits non-zero, naming the tower, precision "
             "and shortfall, when a variant misses its parity bar "
@@ -31,8 +32,24 @@ def _register_export(commands: Any) -> None:
     )
     p.add_argument(
         "checkpoint",
-        help="local directory of a CLIPModel checkpoint, or a hub id such as "
-        "openai/clip-vit-base-patch32 (where the hub is reachable)",
+        nargs="?",
+        default="",
+        help="local directory or hub id (where the hub is reachable) of a CLIP "
+        "(openai/clip-vit-base-patch32), Chinese-CLIP (OFA-Sys/chinese-clip-vit-base-patch16) "
+        "or SigLIP (google/siglip-base-patch16-224) checkpoint, or a local OpenCLIP "
+        "directory (open_clip_config.json + open_clip_model.safetensors)",
+    )
+    p.add_argument(
+        "--text",
+        default="",
+        help="a sentence-transformers text model distilled into CLIP space "
+        "(sentence-transformers/clip-ViT-B-32-multilingual-v1); needs --vision",
+    )
+    p.add_argument(
+        "--vision",
+        default="",
+        help="the CLIP checkpoint whose vision tower pairs with --text "
+        "(openai/clip-vit-base-patch32)",
     )
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument(
@@ -66,6 +83,13 @@ def _register_train_demo(commands: Any) -> None:
     )
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--architecture",
+        choices=("clip", "chinese_clip"),
+        default=None,
+        help="clip: CLIPModel + byte-level BPE (server/models/demo, the default); "
+        "chinese_clip: ChineseCLIPModel, BERT text tower + WordPiece (server/models/demo-zh)",
+    )
     p.add_argument(
         "--steps",
         type=int,

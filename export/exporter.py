@@ -1,10 +1,12 @@
-"""`clipsearch export`: a Hugging Face CLIP checkpoint -> a model bundle, accepted on parity.
+"""`clipsearch export`: a checkpoint of a supported family -> a model bundle, accepted on parity.
 
-    export_bundle(checkpoint, out, precisions, opset, name) -> Manifest
+    export_bundle(checkpoint, out, precisions, opset, name, vision=None) -> Manifest
 
 writes text.onnx / vision.onnx (+ text.<precision>.onnx ... per extra variant),
 tokenizer.json and, only when every variant meets its parity bar, manifest.json. A bundle
 without a manifest is not loadable, so a failed export can never be served by accident.
+The family adapters (`clipsearch.export.families`) load the towers, the tokenizer and the
+image rule; everything here is the same for every family.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from clipsearch.export.families.base import ExportError, FamilyModel
 from clipsearch.server.bundle import (
     MANIFEST_FILE,
     PARITY_BARS,
@@ -29,17 +31,16 @@ from clipsearch.server.bundle import (
     VisionSpec,
 )
 
-FAMILY = "clip"
+if TYPE_CHECKING:
+    from clipsearch.export.parity import Reference
+
+__all__ = ["ExportError", "ParityFailure", "export_bundle", "variant_files"]
+
 TOKENIZER_FILE = "tokenizer.json"
 # Batch of one vs the same item in a batch, L2-normalized, fp32 (the encoder's contract).
 BATCH_INVARIANCE_BAR = 1e-5
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 Progress = Callable[[str], None]
-
-
-class ExportError(Exception):
-    """The checkpoint cannot be exported as asked; the message says why, for a person."""
 
 
 class ParityFailure(ExportError):
@@ -63,6 +64,7 @@ def export_bundle(
     opset: int = 17,
     name: str = "",
     *,
+    vision: str | Path | None = None,
     revision: str = "",
     source: str = "",
     evaluation: Mapping[str, float] | None = None,
@@ -70,11 +72,16 @@ def export_bundle(
 ) -> Manifest:
     """Export, check parity, and write the bundle; returns its manifest.
 
-    `checkpoint` is a local CLIPModel directory or a hub id. fp32 is always exported: it is
-    the base of the other variants. `source` (default: the hub id, or the directory's name)
-    and `evaluation` (held-out quality figures, e.g. from the demo training) go in the
-    manifest. Raises ExportError (ParityFailure when a bar is missed).
+    `checkpoint` is a local directory or a hub id of a supported family (see
+    `clipsearch.export.families.load_family`); with `vision`, `checkpoint` is a
+    sentence-transformers text model and `vision` the CLIP checkpoint whose vision tower
+    pairs with it. fp32 is always exported: it is the base of the other variants. `source`
+    (default: the hub id, or the directory's name) and `evaluation` (held-out quality
+    figures, e.g. from the demo training) go in the manifest. Raises ExportError
+    (ParityFailure when a bar is missed).
     """
+    from clipsearch.export.families import load_family
+
     say = progress or _stderr_progress
     wanted = _precisions(precisions)
     out = Path(out)
@@ -82,19 +89,17 @@ def export_bundle(
     (out / MANIFEST_FILE).unlink(missing_ok=True)
 
     step = _Steps(say, total=3 + 2 * len(wanted))
-    with step("loading checkpoint " + str(checkpoint)):
-        loaded = _load(checkpoint, revision)
-    text_spec = _text_spec(loaded)
-    vision_spec = _vision_spec(loaded)
+    loading = f"text {checkpoint}, vision {vision}" if vision else str(checkpoint)
+    with step("loading checkpoint " + loading):
+        loaded = load_family(checkpoint, revision, vision=vision)
+    text_spec, vision_spec = loaded.text_spec, loaded.vision_spec
 
-    with step("writing tokenizer.json and checking it against transformers' tokenizer"):
-        from clipsearch.export.tokenizers import save_tokenizer_json
-
-        save_tokenizer_json(loaded.tokenizer, out / TOKENIZER_FILE)
-        _check_tokenizer(loaded.tokenizer, out / TOKENIZER_FILE, text_spec)
+    with step("writing tokenizer.json and checking it against the family's tokenizer"):
+        (out / TOKENIZER_FILE).write_text(loaded.tokenizer_json, encoding="utf-8")
+        _check_tokenizer(loaded, out / TOKENIZER_FILE)
 
     with step(f"exporting the fp32 towers to ONNX (opset {opset})"):
-        _export_fp32(loaded, out, opset, text_spec, vision_spec)
+        _export_fp32(loaded, out, opset)
     for precision in wanted:
         if precision != "fp32":
             with step(f"making the {precision} variant"):
@@ -105,13 +110,7 @@ def export_bundle(
         from clipsearch.export.parity import parity_images, torch_reference
 
         images = parity_images()
-        reference = torch_reference(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.processor,
-            images,
-            text_spec.context_length,
-        )
+        reference = torch_reference(loaded, images)
     variants: dict[str, Variant] = {}
     misses: list[str] = []
     for precision in wanted:
@@ -130,10 +129,16 @@ def export_bundle(
     if misses:
         raise ParityFailure(misses)
 
+    sources = loaded.sources
     manifest = Manifest(
         name=name or _default_name(checkpoint),
-        family=FAMILY,
-        source=source or _default_source(checkpoint),
+        family=loaded.family,
+        source=source
+        or (
+            f"text: {sources['text']}; vision: {sources['vision']}"
+            if sources
+            else _default_source(checkpoint)
+        ),
         dim=int(reference.text.shape[1]),
         opset=opset,
         model_id="",
@@ -144,6 +149,7 @@ def export_bundle(
         tokenizer_file=TOKENIZER_FILE,
         created_with=_created_with(wanted),
         evaluation=dict(evaluation or {}),
+        sources=dict(sources),
     )
     manifest = _with_model_id(manifest, out)
     manifest.validate()
@@ -155,13 +161,26 @@ def export_bundle(
 def main(args: argparse.Namespace) -> int:
     """Handler of `clipsearch export`."""
     precisions = [p.strip().lower() for p in str(args.precision).split(",") if p.strip()]
+    text_arg, vision_arg = getattr(args, "text", ""), getattr(args, "vision", "")
+    text = text_arg or args.checkpoint
+    problem = ""
+    if text_arg and args.checkpoint:
+        problem = "give the checkpoint or --text, not both"
+    elif not text:
+        problem = "give a checkpoint (or --text CKPT --vision CKPT)"
+    elif bool(text_arg) != bool(vision_arg):
+        problem = "--text and --vision go together (a text model + a CLIP vision tower)"
+    if problem:
+        print(f"clipsearch export: {problem}", file=sys.stderr)
+        return 2
     try:
         manifest = export_bundle(
-            args.checkpoint,
+            text,
             args.out,
             precisions=precisions,
             opset=args.opset,
             name=args.name,
+            vision=vision_arg or None,
             revision=args.revision,
         )
     except ExportError as exc:
@@ -176,159 +195,54 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- loading and specs ----------------------------------------------------------------------
+# --- tokenizer and graphs --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Loaded:
-    model: Any
-    tokenizer: Any
-    processor: Any
+def _check_tokenizer(loaded: FamilyModel, tokenizer_file: Path) -> None:
+    """The server's padded feeds equal the family's own tokenization, input by input."""
+    import numpy as np
 
-
-def _load(checkpoint: str | Path, revision: str) -> _Loaded:
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessorPil, CLIPModel
-
-    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
-    try:
-        config = AutoConfig.from_pretrained(str(checkpoint), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
-    if config.model_type != "clip":
-        raise ExportError(
-            f"{checkpoint} is a {config.model_type!r} model; this exporter handles CLIP "
-            "(model_type 'clip') checkpoints"
-        )
-    try:
-        model: Any = CLIPModel.from_pretrained(
-            str(checkpoint), dtype=torch.float32, attn_implementation="eager", **kwargs
-        )
-        model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), **kwargs)
-        # The PIL backend is transformers' reference CLIPImageProcessor (the default class
-        # needs torchvision in transformers 5); the server reproduces it exactly.
-        processor = CLIPImageProcessorPil.from_pretrained(str(checkpoint), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
-    return _Loaded(model=model, tokenizer=tokenizer, processor=processor)
-
-
-def _text_spec(loaded: _Loaded) -> TextSpec:
-    tokenizer = loaded.tokenizer
-    context = int(loaded.model.config.text_config.max_position_embeddings)
-    tokenizer_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_max, int) and 2 <= tokenizer_max < context:
-        context = tokenizer_max
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    if bos is None or eos is None:
-        raise ExportError("the tokenizer has no BOS or EOS token; CLIP text needs both")
-    pad = eos if pad is None else pad
-    sample = tokenizer("a")["input_ids"]
-    if sample[0] != bos or sample[-1] != eos:
-        raise ExportError(f"the tokenizer does not wrap texts in BOS ... EOS (got {sample})")
-
-    # The text tower pools at EOS; a config whose eos_token_id disagrees with the tokenizer
-    # silently pools position 0 (argmax of all-false) and every text embeds alike.
-    pooling_eos = loaded.model.text_model.eos_token_id
-    if pooling_eos == 2:
-        top_id = max(tokenizer.get_vocab().values())
-        if eos != top_id:
-            raise ExportError(
-                "text_config.eos_token_id is 2 (legacy: pool at the largest id), but the "
-                f"tokenizer's EOS {eos} is not its largest id {top_id}; set "
-                f"text_config.eos_token_id={eos}"
-            )
-    elif pooling_eos != eos:
-        raise ExportError(
-            f"text_config.eos_token_id is {pooling_eos} but the tokenizer's EOS is {eos}: the "
-            f"tower would pool the wrong position; set text_config.eos_token_id={eos}"
-        )
-    return TextSpec(context_length=context, bos_id=bos, eos_id=eos, pad_id=pad)
-
-
-def _vision_spec(loaded: _Loaded) -> VisionSpec:
-    p = loaded.processor
-    steps = {
-        "do_resize": p.do_resize,
-        "do_center_crop": p.do_center_crop,
-        "do_rescale": p.do_rescale,
-        "do_normalize": p.do_normalize,
-    }
-    off = [name for name, on in steps.items() if not on]
-    if off or p.do_convert_rgb is False:
-        raise ExportError(f"image processor settings not supported: {off or 'do_convert_rgb'}")
-    shortest = _size_field(p.size, "shortest_edge")
-    height, width = _size_field(p.crop_size, "height"), _size_field(p.crop_size, "width")
-    if not shortest or not height or height != width:
-        raise ExportError(
-            f"image processor size {p.size} / crop {p.crop_size} not supported: need a "
-            "shortest_edge resize and a square center crop"
-        )
-    model_size = int(loaded.model.config.vision_config.image_size)
-    if height != model_size:
-        raise ExportError(f"crop size {height} differs from the vision tower's {model_size}")
-    resample = _RESAMPLE_NAMES.get(int(p.resample))
-    if resample is None:
-        raise ExportError(f"image resample {p.resample} not supported")
-    return VisionSpec(
-        image_size=int(height),
-        resize_shortest_edge=int(shortest),
-        mean=_three(p.image_mean),
-        std=_three(p.image_std),
-        resample=resample,
-        crop="center",
-        rescale_factor=float(p.rescale_factor),
-    )
-
-
-def _size_field(size: Any, key: str) -> int | None:
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return None if value is None else int(value)
-
-
-def _three(values: Any) -> tuple[float, float, float]:
-    items = [float(v) for v in (values if isinstance(values, list | tuple) else [values] * 3)]
-    if len(items) != 3:
-        raise ExportError(f"expected 3 channel values, got {values}")
-    return items[0], items[1], items[2]
-
-
-def _check_tokenizer(hf_tokenizer: Any, tokenizer_file: Path, spec: TextSpec) -> None:
     from clipsearch.export.parity import PARITY_TEXTS
     from clipsearch.server.text import TextTokenizer
 
-    ours = TextTokenizer(tokenizer_file, spec).tokenize(PARITY_TEXTS)
-    theirs = hf_tokenizer(list(PARITY_TEXTS), truncation=True, max_length=spec.context_length)[
-        "input_ids"
-    ]
-    for text, mine, ref in zip(PARITY_TEXTS, ours, theirs, strict=True):
-        if mine.ids.tolist() != list(ref):
-            raise ExportError(
-                f"the server tokenizer disagrees with transformers' on {text[:40]!r}: "
-                f"{mine.ids.tolist()[:12]} vs {list(ref)[:12]}"
-            )
+    server = TextTokenizer(tokenizer_file, loaded.text_spec)
+    for texts in (PARITY_TEXTS, *((text,) for text in PARITY_TEXTS)):
+        ours = server.pad(server.tokenize(texts))
+        theirs = loaded.tokenize(texts)
+        for name in loaded.text_spec.inputs:
+            mine, ref = ours[name], theirs[name].numpy()
+            if mine.shape != ref.shape or not np.array_equal(mine, ref):
+                row = next(
+                    (
+                        i
+                        for i in range(min(len(mine), len(ref)))
+                        if not np.array_equal(mine[i], ref[i])
+                    ),
+                    0,
+                )
+                raise ExportError(
+                    f"the server tokenizer disagrees with the {loaded.family} tokenizer on "
+                    f"{texts[row][:40]!r} ({name}): {mine[row].tolist()[:12]} vs "
+                    f"{ref[row].tolist()[:12]}"
+                )
 
 
-# --- graphs -------------------------------------------------------------------------------
-
-
-def _export_fp32(
-    loaded: _Loaded, out: Path, opset: int, text_spec: TextSpec, vision_spec: VisionSpec
-) -> None:
-    import torch
-
+def _export_fp32(loaded: FamilyModel, out: Path, opset: int) -> None:
     from clipsearch.export.towers import export_text_tower, export_vision_tower
 
     text_file, vision_file = variant_files("fp32")
-    # Two rows of different lengths, padded: the trace sees EOS pooling and padding.
-    example = loaded.tokenizer(
-        ["a photo of a cat", "a photo of a red circle next to a blue square"],
-        padding="longest",
-        return_tensors="pt",
-    )["input_ids"].to(torch.int64)
-    export_text_tower(loaded.model, out / text_file, opset, example)
-    export_vision_tower(loaded.model, out / vision_file, opset, vision_spec.image_size)
+    # Two rows of different lengths, padded: the trace sees pooling and padding.
+    example = loaded.tokenize(["a photo of a cat", "a photo of a red circle next to a blue square"])
+    export_text_tower(
+        loaded.text_tower,
+        out / text_file,
+        opset,
+        [example[n] for n in loaded.text_spec.inputs],
+        loaded.text_spec.inputs,
+    )
+    export_vision_tower(
+        loaded.vision_tower, out / vision_file, opset, loaded.vision_spec.image_size
+    )
 
 
 def _make_variant(out: Path, precision: str) -> None:
@@ -355,7 +269,7 @@ def _check_variant(
     *,
     text_spec: TextSpec,
     vision_spec: VisionSpec,
-    reference: Any,
+    reference: Reference,
     images: Sequence[bytes],
     say: Progress,
 ) -> tuple[Variant, list[str]]:

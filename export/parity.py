@@ -1,11 +1,11 @@
 """Parity of an exported bundle against PyTorch, on fixed inputs.
 
-The PyTorch side is what a transformers user does: the checkpoint's tokenizer
-(padding="longest", truncation at the context length) and CLIPImageProcessor (the PIL
-backend) feeding `get_text_features` / `get_image_features`. The ONNX Runtime side is what the
-server does: `clipsearch.server.text` and `clipsearch.server.images` on the same texts and the
-same encoded image bytes, one padded batch per tower. A miss is therefore a fault in the graph
-or in our preprocessing; both are what serving would get wrong.
+The PyTorch side is what a user of the family does: its own tokenizer (padded as the family
+pads, truncated at the context length) and its own image processor (transformers' PIL
+backend, or OpenCLIP's pipeline) feeding the family's feature functions. The ONNX Runtime
+side is what the server does: `clipsearch.server.text` and `clipsearch.server.images` on the
+same texts and the same encoded image bytes, one padded batch per tower. A miss is therefore
+a fault in the graph or in our preprocessing; both are what serving would get wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,6 +23,9 @@ from PIL import Image, ImageDraw
 from clipsearch.server.bundle import Parity, TextSpec, VisionSpec
 from clipsearch.server.images import ImagePreprocessor
 from clipsearch.server.text import TextTokenizer
+
+if TYPE_CHECKING:
+    from clipsearch.export.families.base import FamilyModel
 
 PARITY_TEXTS: tuple[str, ...] = (
     "a photo of a cat",
@@ -108,30 +111,15 @@ class Reference:
     image: np.ndarray
 
 
-def torch_reference(
-    model: Any, tokenizer: Any, processor: Any, images: Sequence[ParityImage], context: int
-) -> Reference:
+def torch_reference(family: FamilyModel, images: Sequence[ParityImage]) -> Reference:
+    """The family's own tokenizer and image processor feeding its PyTorch towers."""
     import torch
 
-    from clipsearch.export.towers import features
-
-    tokens = tokenizer(
-        list(PARITY_TEXTS),
-        padding="longest",
-        truncation=True,
-        max_length=context,
-        return_tensors="pt",
-    )
-    pixels = processor(
-        [Image.open(io.BytesIO(image.data)) for image in images], return_tensors="pt"
-    )["pixel_values"]
+    tokens = family.tokenize(list(PARITY_TEXTS))
+    pixels = family.preprocess([Image.open(io.BytesIO(image.data)) for image in images])
     with torch.no_grad():
-        text = features(
-            model.get_text_features(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-            )
-        )
-        image = features(model.get_image_features(pixel_values=pixels))
+        text = family.text_tower(*[tokens[name] for name in family.text_spec.inputs])
+        image = family.vision_tower(pixels)
     return Reference(text=text.numpy(), image=image.numpy())
 
 

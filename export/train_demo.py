@@ -5,7 +5,10 @@
 scenes with English and Chinese captions, is saved in HF format (with its byte-level BPE
 tokenizer and a CLIPImageProcessor config), exported through the same path as any CLIP
 checkpoint, and evaluated on held-out scenes through the server's ONNX encoder; the figures
-go into the manifest's `evaluation`.
+go into the manifest's `evaluation`. `--architecture chinese_clip` trains the second demo
+model (server/models/demo-zh) with the same recipe as a `ChineseCLIPModel`: a BERT text
+tower over a WordPiece vocabulary of the captions in both languages (export/demo_wordpiece.py),
+images resized straight to the square as the OFA-Sys checkpoints are.
 
 What makes it learn on a CPU in minutes (see docs/MODELS.md for the measurements):
 - every batch is freshly rendered (no epoch, no overfitting) from one seeded generator;
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipsearch.export import demo_data, demo_eval, demo_tokenizer
+from clipsearch.export import demo_data, demo_eval, demo_tokenizer, demo_wordpiece
 from clipsearch.server.bundle import MANIFEST_FILE, VisionSpec
 
 if TYPE_CHECKING:
@@ -42,12 +45,17 @@ if TYPE_CHECKING:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = ("fp32", "int8")
+# "clip": CLIPModel + byte-level BPE (server/models/demo); "chinese_clip": ChineseCLIPModel,
+# a BERT text tower + WordPiece, images resized straight to the square (server/models/demo-zh).
+ARCHITECTURES = ("clip", "chinese_clip")
+BUNDLE_NAMES = {"clip": "clipsearch-demo", "chinese_clip": "clipsearch-demo-zh"}
 _TRAINING_STREAM = 0x7D3E0  # keeps training scenes apart from demo_eval.EVAL_SEED's
 
 
 @dataclass(frozen=True)
 class DemoTrainConfig:
     seed: int = 0
+    architecture: str = "clip"
     steps: int = 4000
     # Measured here (docs/MODELS.md): at equal samples seen, batches of 64 beat 128, and
     # 32 px with 8 px patches beat 64 px with 16 px patches (same 16 tokens, faster).
@@ -94,7 +102,15 @@ def vision_spec(config: DemoTrainConfig) -> VisionSpec:
         resize_shortest_edge=config.image_size,
         mean=CLIP_MEAN,
         std=CLIP_STD,
+        resize="squash" if config.architecture == "chinese_clip" else "shortest_edge",
+        crop="none" if config.architecture == "chinese_clip" else "center",
     )
+
+
+def build_tokenizer(config: DemoTrainConfig) -> Any:
+    if config.architecture == "chinese_clip":
+        return demo_wordpiece.build_demo_wordpiece_tokenizer()
+    return demo_tokenizer.build_demo_tokenizer()
 
 
 def training_rng(seed: int) -> np.random.Generator:
@@ -104,7 +120,11 @@ def training_rng(seed: int) -> np.random.Generator:
 # --- model ------------------------------------------------------------------------------
 
 
-def build_model(config: DemoTrainConfig, tokenizer: Any) -> CLIPModel:
+def build_model(config: DemoTrainConfig, tokenizer: Any) -> Any:
+    if config.architecture == "chinese_clip":
+        return build_chinese_clip_model(config, tokenizer)
+    if config.architecture != "clip":
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {config.architecture}")
     from transformers import CLIPConfig, CLIPModel
 
     tower = {
@@ -143,8 +163,58 @@ def build_model(config: DemoTrainConfig, tokenizer: Any) -> CLIPModel:
     return model
 
 
+def build_chinese_clip_model(config: DemoTrainConfig, tokenizer: Any) -> Any:
+    """ChineseCLIPModel: a BERT text tower (GELU, [CLS] pooling) and the same ViT as the CLIP."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+    text_config = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.heads,
+        "num_hidden_layers": config.text_layers,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": demo_wordpiece.CONTEXT_LENGTH,
+        "type_vocab_size": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.heads,
+        "hidden_act": "quick_gelu",
+        "projection_dim": config.projection_dim,
+        "num_hidden_layers": config.vision_layers,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "num_channels": 3,
+    }
+    model = ChineseCLIPModel(
+        ChineseCLIPConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            projection_dim=config.projection_dim,
+        )
+    )
+    model.set_attn_implementation("eager")
+    return model
+
+
 def image_processor(config: DemoTrainConfig) -> Any:
     from transformers import CLIPImageProcessor
+
+    if config.architecture == "chinese_clip":
+        from transformers import ChineseCLIPImageProcessorPil
+
+        # As the OFA-Sys checkpoints: straight to height x width, no centre crop.
+        return ChineseCLIPImageProcessorPil(
+            size={"height": config.image_size, "width": config.image_size},
+            crop_size={"height": config.image_size, "width": config.image_size},
+            do_resize=True,
+            do_center_crop=False,
+            resample=3,
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
 
     return CLIPImageProcessor(
         size={"shortest_edge": config.image_size},
@@ -157,8 +227,11 @@ def image_processor(config: DemoTrainConfig) -> Any:
     )
 
 
-def text_features(model: CLIPModel, input_ids: torch.Tensor) -> torch.Tensor:
-    pooled = model.text_model(input_ids=input_ids).pooler_output
+def text_features(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "attention_mask" in inputs:  # ChineseCLIP's BERT: the projected [CLS] state
+        state = model.text_model(**inputs).last_hidden_state
+        return model.text_projection(state[:, 0])  # type: ignore[no-any-return]
+    pooled = model.text_model(input_ids=inputs["input_ids"]).pooler_output
     return model.text_projection(pooled)  # type: ignore[no-any-return]
 
 
@@ -201,11 +274,18 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def token_ids(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+def text_inputs(tokenizer: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The text tower's inputs: CLIP takes input_ids alone, a BERT tower all three."""
     encoded = tokenizer(
-        list(texts), padding="longest", truncation=True, max_length=77, return_tensors="pt"
+        list(texts),
+        padding="longest",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
     )
-    return encoded["input_ids"]  # type: ignore[no-any-return]
+    if "token_type_ids" in encoded:
+        return {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {"input_ids": encoded["input_ids"]}
 
 
 # --- training ---------------------------------------------------------------------------
@@ -249,7 +329,7 @@ def train(
     # Denormal floats make CPU matmuls crawl late in training (measured 6x on these cores).
     torch.set_flush_denormal(True)
     torch.manual_seed(config.seed)
-    tokenizer = demo_tokenizer.build_demo_tokenizer()
+    tokenizer = build_tokenizer(config)
     model: Any = build_model(config, tokenizer)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -271,7 +351,8 @@ def train(
     if config.eval_every and on_eval is not None:
         held_out = demo_eval.held_out_set(vision_spec(config), n=config.eval_images)
     log(
-        f"training demo CLIP: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"training demo {config.architecture}: "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{config.steps} steps of {config.batch_size}, {config.threads} threads"
     )
     started = time.perf_counter()
@@ -280,7 +361,7 @@ def train(
         data_started = time.perf_counter()
         batch = make_batch(rng, config)
         pixels = pixel_values(batch.images)
-        ids = token_ids(tokenizer, batch.captions)
+        ids = text_inputs(tokenizer, batch.captions)
         labels = torch.from_numpy(batch.labels)
         data_seconds += time.perf_counter() - data_started
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
@@ -330,7 +411,7 @@ def torch_encoders(
 
     def encode_text(texts: Sequence[str]) -> np.ndarray:
         with torch.no_grad():
-            vectors = F.normalize(text_features(model, token_ids(tokenizer, texts)), dim=-1)
+            vectors = F.normalize(text_features(model, text_inputs(tokenizer, texts)), dim=-1)
         return vectors.numpy()
 
     def encode_images(pixels: np.ndarray) -> np.ndarray:
@@ -349,7 +430,10 @@ def save_checkpoint(result: TrainingResult, config: DemoTrainConfig, out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(out)
     result.tokenizer.save_pretrained(out)
-    demo_tokenizer.write_tokenizer_files(out)  # vocab.json + merges.txt, as CLIP ships them
+    if config.architecture == "chinese_clip":
+        demo_wordpiece.write_vocab_file(out)  # vocab.txt, as BERT checkpoints ship it
+    else:
+        demo_tokenizer.write_tokenizer_files(out)  # vocab.json + merges.txt, as CLIP ships them
     image_processor(config).save_pretrained(out)
     (out / "training.json").write_text(
         json.dumps({"config": asdict(config), "seconds": round(result.seconds, 1)}, indent=2)
@@ -377,8 +461,11 @@ def export_and_evaluate(
         checkpoint,
         out,
         precisions=PRECISIONS,
-        name="clipsearch-demo",
-        source=f"clipsearch train-demo --seed {config.seed} --steps {config.steps}",
+        name=BUNDLE_NAMES[config.architecture],
+        source=f"clipsearch train-demo --architecture {config.architecture} --seed "
+        f"{config.seed} --steps {config.steps}"
+        if config.architecture != "clip"
+        else f"clipsearch train-demo --seed {config.seed} --steps {config.steps}",
     )
     held_out = demo_eval.held_out_set(vision_spec(config), n=config.eval_images)
     evaluation: dict[str, float] = {}
@@ -398,6 +485,7 @@ def config_from_args(args: argparse.Namespace) -> DemoTrainConfig:
         "threads": getattr(args, "threads", None),
         "eval_every": getattr(args, "eval_every", None),
         "eval_images": getattr(args, "eval_images", None),
+        "architecture": getattr(args, "architecture", None),
     }
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -3,8 +3,10 @@
 A bundle is a directory:
 
     manifest.json      this module's `Manifest`
-    tokenizer.json     a `tokenizers` tokenizer (byte-level BPE for CLIP)
-    text.onnx          input_ids[batch, seq] int64 -> text_embeds[batch, dim]
+    tokenizer.json     a `tokenizers` tokenizer (byte-level BPE for CLIP, WordPiece for
+                       BERT-style towers, SentencePiece Unigram for SigLIP)
+    text.onnx          text.inputs, each int64 [batch, seq] (input_ids; attention_mask,
+                       token_type_ids where listed) -> text_embeds[batch, dim]
     vision.onnx        pixel_values[batch, 3, H, W] float32 -> image_embeds[batch, dim]
     text.int8.onnx ... one pair of files per extra precision variant
 
@@ -27,17 +29,34 @@ PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_BARS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT_PADDINGS = ("longest", "max_length")
+# shortest_edge: the shortest edge to resize_shortest_edge, aspect kept, then the crop;
+# squash: straight to image_size x image_size (Chinese-CLIP, SigLIP), no crop.
+RESIZE_RULES = ("shortest_edge", "squash")
+# center: transformers' offsets ((size - crop) // 2, zero padding where the image is
+# smaller); center_round: torchvision's (round((size - crop) / 2)), as OpenCLIP crops.
+CROP_RULES = ("center", "center_round", "none")
+# first: converted to RGB on decoding, transparency composited onto white (transformers'
+# convert_to_rgb); last: resized and cropped in the image's own mode, then Pillow's
+# convert("RGB"), alpha dropped (OpenCLIP's torchvision pipeline).
+RGB_RULES = ("first", "last")
+
+
 @dataclass(frozen=True)
 class TextSpec:
     context_length: int
-    bos_id: int
+    bos_id: int | None  # None: no start token (SigLIP)
     eos_id: int
     pad_id: int
     # The ONNX inputs in order. CLIP needs only input_ids (causal mask: pads after EOS
     # cannot reach it); BERT-style towers list attention_mask / token_type_ids too.
     inputs: tuple[str, ...] = ("input_ids",)
-    # Longer texts keep their first context_length - 1 tokens and end with EOS.
+    # Longer texts keep their first tokens and still end with EOS.
     truncation: str = "keep_start"
+    # longest: a batch is padded to its longest text; max_length: every text to
+    # context_length (SigLIP pools the last position, so it was trained that way).
+    padding: str = "longest"
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,8 @@ class VisionSpec:
     crop: str = "center"
     rescale_factor: float = 1.0 / 255.0
     inputs: tuple[str, ...] = ("pixel_values",)
+    resize: str = "shortest_edge"
+    convert_rgb: str = "first"
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,9 @@ class Manifest:
     created_with: dict[str, str] = field(default_factory=dict)
     # Quality measured on held-out data where the exporter had some (the demo model).
     evaluation: dict[str, float] = field(default_factory=dict)
+    # Per tower where they differ (a multilingual text tower + a CLIP vision tower):
+    # {"text": checkpoint, "vision": checkpoint}; `source` then names both.
+    sources: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=False) + "\n"
@@ -134,6 +158,7 @@ class Manifest:
                 tokenizer_file=raw.get("tokenizer_file", "tokenizer.json"),
                 created_with=dict(raw.get("created_with", {})),
                 evaluation=dict(raw.get("evaluation", {})),
+                sources=dict(raw.get("sources", {})),
             )
         except BundleError:
             raise
@@ -153,6 +178,20 @@ class Manifest:
                 problems.append(f"variant {name!r} has precision {variant.precision!r}")
         if self.text.context_length < 2:
             problems.append(f"text.context_length too small: {self.text.context_length}")
+        if "input_ids" not in self.text.inputs or set(self.text.inputs) - set(TEXT_INPUTS):
+            problems.append(f"text.inputs {list(self.text.inputs)} (known: {list(TEXT_INPUTS)})")
+        if self.text.padding not in TEXT_PADDINGS:
+            problems.append(f"text.padding {self.text.padding!r} is not one of {TEXT_PADDINGS}")
+        if self.vision.resize not in RESIZE_RULES:
+            problems.append(f"vision.resize {self.vision.resize!r} is not one of {RESIZE_RULES}")
+        if self.vision.crop not in CROP_RULES:
+            problems.append(f"vision.crop {self.vision.crop!r} is not one of {CROP_RULES}")
+        if (self.vision.resize == "squash") != (self.vision.crop == "none"):
+            problems.append("vision: a squash resize has no crop, a shortest_edge resize one")
+        if self.vision.convert_rgb not in RGB_RULES:
+            problems.append(
+                f"vision.convert_rgb {self.vision.convert_rgb!r} is not one of {RGB_RULES}"
+            )
         if any(s <= 0 for s in self.vision.std):
             problems.append("vision.std must be positive")
         if self.vision.image_size <= 0 or self.vision.resize_shortest_edge <= 0:
@@ -210,4 +249,9 @@ def load_bundle(root: str | Path) -> Bundle:
 
 def default_bundle_path() -> Path:
     """The demo model committed with the package: the server's default."""
-    return Path(__file__).resolve().parent / "models" / "demo"
+    return committed_bundle_path("demo")
+
+
+def committed_bundle_path(name: str) -> Path:
+    """A model committed with the package: "demo" (CLIP) or "demo-zh" (Chinese-CLIP)."""
+    return Path(__file__).resolve().parent / "models" / name

@@ -47,6 +47,7 @@ class EncoderOptions:
     warmup_batch_sizes: tuple[int, ...] = (1, 8)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     fast_jpeg: bool = True
+    strict_text_length: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EncoderOptions:
@@ -61,6 +62,7 @@ class EncoderOptions:
             warmup_batch_sizes=sizes,
             image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             fast_jpeg=settings.fast_jpeg,
+            strict_text_length=settings.strict_text_length,
         )
 
 
@@ -117,7 +119,7 @@ class OnnxEncoder:
             raise ConfigurationError(f"unknown graph optimization {options.graph_optimization}")
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
-        self.tokenizer = TextTokenizer.from_bundle(bundle)
+        self.tokenizer = TextTokenizer.from_bundle(bundle, strict=options.strict_text_length)
         self.preprocessor = ImagePreprocessor.from_bundle(
             bundle, limits=options.image_limits, fast_jpeg=options.fast_jpeg
         )

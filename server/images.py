@@ -1,10 +1,16 @@
 """Image bytes -> the vision tower's pixel_values, with Pillow and numpy (no transformers).
 
-`from_image` reproduces transformers' CLIPImageProcessor (the PIL backend,
-`CLIPImageProcessorPil` in transformers 5) bit for bit: RGB conversion that composites
-transparency onto white, bicubic resize of the shortest edge with the same integer size rule,
-center crop (zero padding where the crop is larger), rescale in float64 then float32, and
-normalization in float32. The last two are one lookup table per channel, exact and fast.
+`from_image` reproduces transformers' image processors (the PIL backends of
+CLIPImageProcessor, ChineseCLIPImageProcessor, SiglipImageProcessor in transformers 5) bit
+for bit, following the manifest's image rule: RGB conversion that composites transparency onto
+white, then either a resize of the shortest edge with the same integer size rule and a center
+crop (zero padding where the crop is larger), or a straight resize to the square ("squash":
+Chinese-CLIP, SigLIP); rescale in float64 then float32, and normalization in float32. The last
+two are one lookup table per channel, exact and fast. OpenCLIP's torchvision pipeline differs
+in details the rule also names: its crop offsets round half to even ("center_round"), and it
+resizes and crops in the image's own mode and converts to RGB last, dropping alpha
+(convert_rgb "last"); its float32 division by 255 differs from the table by at most one
+float32 ulp.
 
 `decode` is the server's part: format allow-list, byte and pixel limits checked before pixel
 data is decoded, EXIF orientation, first frame of animations, and two deliberate differences
@@ -27,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from clipsearch.server.bundle import VisionSpec
+from clipsearch.server.bundle import CROP_RULES, RESIZE_RULES, RGB_RULES, VisionSpec
 from clipsearch.server.errors import (
     BundleError,
     EmptyImage,
@@ -82,8 +88,12 @@ class ImagePreprocessor:
     ) -> None:
         if spec.resample not in _RESAMPLE:
             raise BundleError(f"vision resample {spec.resample!r} is not one of {list(_RESAMPLE)}")
-        if spec.crop != "center":
-            raise BundleError(f"vision crop {spec.crop!r} is not supported (only 'center')")
+        rules = {"resize": RESIZE_RULES, "crop": CROP_RULES, "convert_rgb": RGB_RULES}
+        for name, known in rules.items():
+            if getattr(spec, name) not in known:
+                raise BundleError(
+                    f"vision {name} {getattr(spec, name)!r} is not supported (one of {known})"
+                )
         self.spec = spec
         self.limits = limits
         self.fast_jpeg = fast_jpeg
@@ -103,7 +113,8 @@ class ImagePreprocessor:
     # --- decoding ---------------------------------------------------------------------
 
     def decode(self, data: bytes) -> Image.Image:
-        """Bytes -> RGB image, EXIF-oriented; limits enforced before pixel data is decoded."""
+        """Bytes -> RGB image (in its own mode for convert_rgb "last"), EXIF-oriented; limits
+        enforced before pixel data is decoded."""
         if not data:
             raise EmptyImage("the image is empty (0 bytes)")
         if len(data) > self.limits.max_bytes:
@@ -120,7 +131,8 @@ class ImagePreprocessor:
         if width == 0 or height == 0:
             raise UndecodableImage(f"the image has no pixels ({width}x{height})")
         if self.fast_jpeg and image.format in _JPEG_FORMATS:
-            target = self.spec.resize_shortest_edge
+            squash = self.spec.resize == "squash"
+            target = self.spec.image_size if squash else self.spec.resize_shortest_edge
             # Keeps both sides >= target, so the shortest edge is still downscaled after.
             image.draft("RGB", (target, target))
         try:
@@ -132,23 +144,37 @@ class ImagePreprocessor:
                 f"the {image.format} image is corrupt or truncated: {exc}"
             ) from None
         image = _apply_orientation(image)
-        return _to_rgb(_scale_16_bit(image))
+        image = _scale_16_bit(image)
+        return image if self.spec.convert_rgb == "last" else _to_rgb(image)
 
     # --- pixels -----------------------------------------------------------------------
 
     def from_image(self, image: Image.Image) -> np.ndarray:
-        """Exactly CLIPImageProcessor's pixel_values for one image: float32 [3, S, S]."""
-        rgb = np.asarray(self._resize_and_crop(_to_rgb(image)))
+        """Exactly the image processor's pixel_values for one image: float32 [3, S, S]."""
+        if self.spec.convert_rgb == "last":
+            resized = self._resize_and_crop(image)
+            if isinstance(resized, np.ndarray):  # zero-padded crop: only of an RGB image
+                resized = self._resize_and_crop(_to_rgb(image))
+            rgb = np.asarray(_drop_alpha(resized))
+        else:
+            rgb = np.asarray(self._resize_and_crop(_to_rgb(image)))
         out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
         for channel in range(3):
             np.take(self._lut[channel], rgb[:, :, channel], out=out[channel])
         return out
 
     def _resize_and_crop(self, image: Image.Image) -> Image.Image | np.ndarray:
+        crop = self.spec.image_size
+        if self.spec.resize == "squash":
+            if image.size == (crop, crop):
+                return image
+            return image.resize((crop, crop), self._resample)
         width, height = image.size
         new_width, new_height = _shortest_edge_size(width, height, self.spec.resize_shortest_edge)
-        crop = self.spec.image_size
-        left, top = (new_width - crop) // 2, (new_height - crop) // 2
+        if self.spec.crop == "center_round":
+            left, top = round((new_width - crop) / 2), round((new_height - crop) / 2)
+        else:
+            left, top = (new_width - crop) // 2, (new_height - crop) // 2
         fits = left >= 0 and top >= 0
         if fits and new_width * new_height > _MAX_RESIZE_AREA_RATIO * crop * crop:
             sx, sy = width / new_width, height / new_height
@@ -199,6 +225,18 @@ def _scale_16_bit(image: Image.Image) -> Image.Image:
         return image
     wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
+def _drop_alpha(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """Pillow's convert("RGB"), as torchvision pipelines do: alpha dropped."""
+    if isinstance(image, np.ndarray) or image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise UnsupportedImageFormat(
+            f"images in mode {image.mode} are not accepted: {exc}"
+        ) from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

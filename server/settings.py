@@ -145,6 +145,13 @@ class Settings:
     max_image_pixels: int = _setting(50_000_000, "largest image accepted, width x height")
     fast_jpeg: bool = _setting(True, "decode large JPEGs at reduced size (DCT scaling)")
 
+    # --- text
+    strict_text_length: bool = _setting(
+        False,
+        "refuse texts longer than the model's context (INVALID_ARGUMENT) instead of "
+        "truncating them (kept start, end token kept, flagged per item)",
+    )
+
     # --- store
     milvus_uri: str = _setting(
         "./clipsearch.db",

@@ -1,0 +1,531 @@
+"""Model families, offline: tiny random checkpoints of each architecture exported and checked.
+
+Per family: the export passes its parity gate (through the server's tokenizer and image
+preprocessing); the server's text feeds equal the family's own tokenizer on English, Chinese,
+mixed and long texts; its image tensors equal the family's own image processor on the image
+matrix of CLIP's preprocessing tests; the served vectors equal PyTorch's on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import family_fixtures
+import numpy as np
+import pytest
+from image_fixtures import encode, pattern
+from PIL import Image
+
+from clipsearch.server.bundle import PARITY_BARS, Bundle, load_bundle
+from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
+from clipsearch.server.errors import InvalidInput
+from clipsearch.server.images import ImagePreprocessor
+from clipsearch.server.text import TextTokenizer
+from tests.test_image_preprocessing import CASES
+
+torch = pytest.importorskip("torch", reason="export needs the [export] extra")
+transformers = pytest.importorskip("transformers", reason="export needs the [export] extra")
+
+TEXTS = [
+    "a photo of a cat",
+    "The Quick Brown Fox!",
+    "红色的圆形",
+    "一只黑色的狗在绿色的草地上奔跑",
+    "Hello 世界, mixed 文字 and English 123",
+    "",
+    "a red star " * 40,  # past every context length here
+    "红色" * 80,
+]
+
+
+def family_images() -> list[Image.Image]:
+    return [pattern(size, mode, seed) for seed, (mode, size) in enumerate(CASES)]
+
+
+def assert_feeds_equal(bundle: Bundle, reference: dict[str, Any], texts: Sequence[str]) -> None:
+    tokenizer = TextTokenizer.from_bundle(bundle)
+    ours = tokenizer.pad(tokenizer.tokenize(texts))
+    assert list(ours) == list(bundle.manifest.text.inputs)
+    for name, mine in ours.items():
+        np.testing.assert_array_equal(mine, reference[name].numpy(), err_msg=name)
+
+
+def assert_pixels_equal(bundle: Bundle, processor: Any, atol: float = 1e-6) -> None:
+    ours = ImagePreprocessor.from_bundle(bundle, fast_jpeg=False)
+    worst = 0.0
+    for image in family_images():
+        theirs = processor(image, return_tensors="np")["pixel_values"][0]
+        mine = ours.from_image(image)
+        assert mine.shape == theirs.shape
+        worst = max(worst, float(np.abs(mine - theirs).max()))
+    assert worst <= atol
+
+
+def assert_parity_recorded(bundle: Bundle) -> None:
+    for precision, variant in bundle.manifest.variants.items():
+        assert variant.text_parity.min_cosine >= PARITY_BARS[precision]
+        assert variant.vision_parity.min_cosine >= PARITY_BARS[precision]
+        assert variant.text_parity.n_inputs == 12 and variant.vision_parity.n_inputs == 9
+
+
+def served(bundle: Bundle) -> OnnxEncoder:
+    return OnnxEncoder(bundle, EncoderOptions(warmup=False))
+
+
+def fresh_images() -> list[bytes]:
+    return [
+        encode(pattern((64, 40), "RGB", 31), "PNG"),
+        encode(pattern((33, 90), "L", 32), "PNG"),
+        encode(pattern((50, 50), "RGB", 33), "PNG"),
+    ]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    out: np.ndarray = np.sum(a * b, axis=1)
+    return out
+
+
+# --- Chinese-CLIP ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chinese_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
+    checkpoint = family_fixtures.chinese_clip_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "chinese-clip", checkpoint)
+    return checkpoint, load_bundle(bundle)
+
+
+def test_chinese_clip_manifest_lists_bert_inputs_and_the_squash_rule(
+    chinese_clip: tuple[Path, Bundle],
+) -> None:
+    _, bundle = chinese_clip
+    manifest = bundle.manifest
+    assert manifest.family == "chinese-clip"
+    assert manifest.text.inputs == ("input_ids", "attention_mask", "token_type_ids")
+    assert (manifest.text.bos_id, manifest.text.eos_id, manifest.text.pad_id) == (2, 3, 0)
+    assert manifest.text.context_length == 52
+    assert (manifest.vision.resize, manifest.vision.crop) == ("squash", "none")
+    assert manifest.dim == family_fixtures.PROJECTION
+    assert_parity_recorded(bundle)
+
+
+def test_chinese_clip_tokenization_equals_bert_tokenizer(chinese_clip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = chinese_clip
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    reference = hf(TEXTS, padding="longest", truncation=True, max_length=52, return_tensors="pt")
+    assert_feeds_equal(bundle, reference, TEXTS)
+    flags = [t.truncated for t in TextTokenizer.from_bundle(bundle).tokenize(TEXTS)]
+    assert flags == [False] * 6 + [True, True]
+
+
+def test_chinese_clip_pixels_equal_its_image_processor(chinese_clip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = chinese_clip
+    assert_pixels_equal(
+        bundle, transformers.ChineseCLIPImageProcessorPil.from_pretrained(checkpoint)
+    )
+
+
+def test_chinese_clip_served_vectors_equal_pytorch(chinese_clip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = chinese_clip
+    model = transformers.ChineseCLIPModel.from_pretrained(checkpoint).eval()
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    processor = transformers.ChineseCLIPImageProcessorPil.from_pretrained(checkpoint)
+    texts = ["一个蓝色的三角形", "a green square", "蓝色 blue 方块"]
+    with torch.no_grad():
+        tokens = hf(texts, padding=True, return_tensors="pt")
+        # what forward() computes: text_projection(last_hidden_state[:, 0])
+        state = model.text_model(**tokens).last_hidden_state
+        text = model.text_projection(state[:, 0]).numpy()
+        pixels = processor([Image.open(io.BytesIO(b)) for b in fresh_images()], return_tensors="pt")
+        image = model.get_image_features(**pixels).pooler_output.numpy()
+    encoder = served(bundle)
+    assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
+    pre = [encoder.preprocessor(b) for b in fresh_images()]
+    assert cosines(encoder.encode_images(pre), image).min() >= 0.9999
+
+
+# --- long texts -----------------------------------------------------------------------------
+
+
+def test_strict_text_length_refuses_instead_of_truncating(
+    chinese_clip: tuple[Path, Bundle],
+) -> None:
+    _, bundle = chinese_clip
+    strict = TextTokenizer.from_bundle(bundle, strict=True)
+    assert [len(t.ids) for t in strict.tokenize(["红色的圆形"])] == [7]
+    with pytest.raises(
+        InvalidInput, match=r"text 1 is 122 tokens long, over the model's context of 52"
+    ):
+        strict.tokenize(["ok", "a red star " * 40])
+    exactly = "红" * 50  # 50 + [CLS] + [SEP] = the context: kept whole
+    assert not strict.tokenize([exactly])[0].truncated
+
+
+# --- SigLIP ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def siglip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
+    checkpoint = family_fixtures.siglip_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "siglip", checkpoint)
+    return checkpoint, load_bundle(bundle)
+
+
+def test_siglip_manifest_fixed_length_text_and_square_resize(siglip: tuple[Path, Bundle]) -> None:
+    _, bundle = siglip
+    manifest = bundle.manifest
+    assert manifest.family == "siglip"
+    assert manifest.text.inputs == ("input_ids",)
+    assert (manifest.text.bos_id, manifest.text.padding, manifest.text.context_length) == (
+        None,
+        "max_length",
+        64,
+    )
+    assert (manifest.vision.resize, manifest.vision.crop, manifest.vision.resample) == (
+        "squash",
+        "none",
+        "bilinear",
+    )
+    assert manifest.vision.mean == (0.5, 0.5, 0.5) and manifest.vision.std == (0.5, 0.5, 0.5)
+    assert_parity_recorded(bundle)
+
+
+SIGLIP_EXTRA = [
+    "  leading and trailing  ",
+    "multiple   spaces\there",
+    "UPPER lower MiXeD, with: punctuation!?",
+    "emoji 🐱🚀 & more",
+    "   \t\n  ",
+]
+
+
+def test_siglip_tokenization_equals_siglip_tokenizer(siglip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = siglip
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    assert type(hf).__name__ == "SiglipTokenizer"
+    texts = TEXTS + SIGLIP_EXTRA
+    reference = hf(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    assert_feeds_equal(bundle, reference, texts)
+    feeds = TextTokenizer.from_bundle(bundle).pad(TextTokenizer.from_bundle(bundle).tokenize(["a"]))
+    assert feeds["input_ids"].shape == (1, 64)  # fixed length even for one short text
+
+
+def test_siglip_pixels_equal_its_image_processor(siglip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = siglip
+    assert_pixels_equal(bundle, transformers.SiglipImageProcessorPil.from_pretrained(checkpoint))
+
+
+def test_siglip_served_vectors_equal_pytorch(siglip: tuple[Path, Bundle]) -> None:
+    checkpoint, bundle = siglip
+    model = transformers.SiglipModel.from_pretrained(checkpoint).eval()
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    processor = transformers.SiglipImageProcessorPil.from_pretrained(checkpoint)
+    texts = ["a blue triangle", "蓝色的正方形", "mixed 文字"]
+    with torch.no_grad():
+        tokens = hf(texts, padding="max_length", max_length=64, return_tensors="pt")
+        text = model.get_text_features(input_ids=tokens["input_ids"]).pooler_output.numpy()
+        pixels = processor([Image.open(io.BytesIO(b)) for b in fresh_images()], return_tensors="pt")
+        image = model.get_image_features(**pixels).pooler_output.numpy()
+    encoder = served(bundle)
+    assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
+    pre = [encoder.preprocessor(b) for b in fresh_images()]
+    assert cosines(encoder.encode_images(pre), image).min() >= 0.9999
+
+
+# --- multilingual text tower + CLIP vision tower --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def multilingual(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Bundle]:
+    import export_fixtures
+
+    text = family_fixtures.multilingual_text_checkpoint(tmp_path_factory)
+    vision = export_fixtures.tiny_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "multilingual", text, vision=vision)
+    return text, vision, load_bundle(bundle)
+
+
+def test_multilingual_manifest_records_both_sources(
+    multilingual: tuple[Path, Path, Bundle],
+) -> None:
+    text, vision, bundle = multilingual
+    manifest = bundle.manifest
+    assert manifest.family == "multilingual-clip"
+    assert manifest.sources == {"text": str(text), "vision": str(vision)}
+    assert manifest.source == f"text: {text}; vision: {vision}"
+    assert manifest.text.inputs == ("input_ids", "attention_mask")  # DistilBERT: no types
+    assert (manifest.vision.resize, manifest.vision.crop) == ("shortest_edge", "center")
+    assert manifest.text.context_length == 128
+    assert_parity_recorded(bundle)
+
+
+def test_multilingual_tokenization_equals_distilbert_tokenizer(
+    multilingual: tuple[Path, Path, Bundle],
+) -> None:
+    text, _, bundle = multilingual
+    hf = transformers.AutoTokenizer.from_pretrained(text)
+    texts = [*TEXTS, "Quick BROWN fox"]  # cased vocabulary: "Quick" is not "quick"
+    reference = hf(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    assert_feeds_equal(bundle, {k: reference[k] for k in ("input_ids", "attention_mask")}, texts)
+
+
+def test_multilingual_served_vectors_are_mean_pooled_and_projected(
+    multilingual: tuple[Path, Path, Bundle],
+) -> None:
+    from safetensors.torch import load_file
+
+    text, _, bundle = multilingual
+    model = transformers.AutoModel.from_pretrained(text).eval()
+    hf = transformers.AutoTokenizer.from_pretrained(text)
+    weight = load_file(str(text / "2_Dense" / "model.safetensors"))["linear.weight"]
+    texts = ["a blue triangle", "蓝色的正方形", "mixed 文字 words", "x"]
+    with torch.no_grad():
+        tokens = hf(texts, padding=True, return_tensors="pt")
+        state = model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        expected = (((state * mask).sum(1) / mask.sum(1)) @ weight.T).numpy()
+    assert cosines(served(bundle).encode_text(texts), expected).min() >= 0.9999
+
+
+def test_a_sentence_transformers_model_alone_is_refused_with_the_pairing_hint(
+    multilingual: tuple[Path, Path, Bundle], tmp_path: Path
+) -> None:
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    text, _, _ = multilingual
+    with pytest.raises(ExportError, match=r"--text .* --vision CLIP_CHECKPOINT"):
+        export_bundle(text, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+
+
+# --- OpenCLIP -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def openclip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
+    checkpoint = family_fixtures.openclip_checkpoint(tmp_path_factory)
+    bundle = family_fixtures.exported(tmp_path_factory, "openclip", checkpoint)
+    return checkpoint, load_bundle(bundle)
+
+
+def openclip_forward(state: dict[str, Any], ids: Any, pixels: Any) -> tuple[Any, Any]:
+    """OpenCLIP's ViT and text transformer, written from its source with torch.nn pieces
+    (nn.MultiheadAttention on the in_proj weights), independent of transformers' CLIP."""
+    import torch.nn.functional as F
+
+    def blocks(x: Any, prefix: str, layers: int, heads: int, mask: Any) -> Any:
+        width = x.shape[-1]
+        for i in range(layers):
+            p = f"{prefix}transformer.resblocks.{i}."
+            attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+            attn.load_state_dict(
+                {
+                    k.removeprefix(p + "attn."): v
+                    for k, v in state.items()
+                    if k.startswith(p + "attn.")
+                }
+            )
+            h = F.layer_norm(x, (width,), state[p + "ln_1.weight"], state[p + "ln_1.bias"])
+            x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            h = F.layer_norm(x, (width,), state[p + "ln_2.weight"], state[p + "ln_2.bias"])
+            h = F.gelu(F.linear(h, state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"])
+        return x
+
+    cfg = family_fixtures.OPENCLIP_CFG["model_cfg"]
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]  # type: ignore[index]
+    with torch.no_grad():
+        x = F.conv2d(pixels, state["visual.conv1.weight"], stride=vision["patch_size"])
+        x = x.flatten(2).transpose(1, 2)
+        cls = state["visual.class_embedding"].expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + state["visual.positional_embedding"]
+        w = x.shape[-1]
+        x = F.layer_norm(x, (w,), state["visual.ln_pre.weight"], state["visual.ln_pre.bias"])
+        x = blocks(x, "visual.", vision["layers"], w // vision["head_width"], None)
+        x = F.layer_norm(
+            x[:, 0], (w,), state["visual.ln_post.weight"], state["visual.ln_post.bias"]
+        )
+        image = x @ state["visual.proj"]
+
+        n = ids.shape[1]
+        causal = torch.full((n, n), float("-inf")).triu(1)
+        t = state["token_embedding.weight"][ids] + state["positional_embedding"][:n]
+        t = blocks(t, "", text["layers"], text["heads"], causal)
+        t = F.layer_norm(t, (t.shape[-1],), state["ln_final.weight"], state["ln_final.bias"])
+        text_out = t[torch.arange(t.shape[0]), ids.argmax(dim=-1)] @ state["text_projection"]
+    return text_out.numpy(), image.numpy()
+
+
+def test_openclip_manifest_follows_its_preprocessing(openclip: tuple[Path, Bundle]) -> None:
+    _, bundle = openclip
+    vision = bundle.manifest.vision
+    assert bundle.manifest.family == "openclip"
+    assert (vision.resize, vision.crop, vision.convert_rgb) == (
+        "shortest_edge",
+        "center_round",
+        "last",
+    )
+    assert bundle.manifest.text.context_length == 77
+    assert_parity_recorded(bundle)
+
+
+def test_openclip_served_vectors_equal_openclip_forward(openclip: tuple[Path, Bundle]) -> None:
+    from clipsearch.export.families.openclip import eval_transform
+
+    _, bundle = openclip
+    state = family_fixtures.openclip_state_dict()
+    encoder = served(bundle)
+    texts = ["a photo of a cat", "a red circle", "x"]
+    # OpenCLIP pads with 0 after the end token (the largest id, where it pools).
+    tokens = [t.ids for t in encoder.tokenizer.tokenize(texts)]
+    ids = torch.zeros(len(texts), 77, dtype=torch.int64)
+    for row, t in enumerate(tokens):
+        ids[row, : len(t)] = torch.from_numpy(t)
+    images = [Image.open(io.BytesIO(b)) for b in fresh_images()]
+    pixels = torch.from_numpy(np.stack(eval_transform(bundle.manifest.vision, images)))
+    text, image = openclip_forward(state, ids, pixels)
+    assert cosines(encoder.encode_text(texts), text).min() >= 0.9999
+    served_pixels = [encoder.preprocessor(b) for b in fresh_images()]
+    assert cosines(encoder.encode_images(served_pixels), image).min() >= 0.9999
+
+
+def test_openclip_pixels_equal_its_eval_transform(openclip: tuple[Path, Bundle]) -> None:
+    from clipsearch.export.families.openclip import eval_transform
+
+    _, bundle = openclip
+    ours = ImagePreprocessor.from_bundle(bundle, fast_jpeg=False)
+    images = family_images()
+    worst = max(
+        float(np.abs(ours.from_image(image) - theirs).max())
+        for image, theirs in zip(
+            images, eval_transform(bundle.manifest.vision, images), strict=True
+        )
+    )
+    assert worst <= 1e-6  # torchvision divides by 255 in float32: an ulp from the table
+
+
+def test_openclip_crop_rounds_offsets_as_torchvision() -> None:
+    from clipsearch.export.families.openclip import eval_transform
+    from clipsearch.server.bundle import VisionSpec
+
+    # 320x200 -> 51x32: 19 columns to cut, torchvision starts at round(9.5) = 10, HF at 9.
+    spec = VisionSpec(32, 32, (0.5,) * 3, (0.5,) * 3, crop="center_round", convert_rgb="last")
+    image = pattern((320, 200), "RGB", 3)
+    theirs = eval_transform(spec, [image])[0]
+    assert np.abs(ImagePreprocessor(spec).from_image(image) - theirs).max() <= 1e-6
+    floor = ImagePreprocessor(VisionSpec(32, 32, (0.5,) * 3, (0.5,) * 3)).from_image(image)
+    assert np.abs(floor - theirs).max() > 0.1
+
+
+def test_an_unsupported_openclip_model_names_what_differs(
+    openclip: tuple[Path, Bundle], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    checkpoint, _ = openclip
+    odd = tmp_path / "coca"
+    shutil.copytree(checkpoint, odd)
+    config = json.loads((odd / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    config["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_base_patch16_siglip_224"
+    (odd / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ExportError, match=r"vision_cfg.timm_model_name=.*text_cfg.hf_tokenizer_name"
+    ):
+        export_bundle(odd, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+
+
+# --- what the exporter refuses, what it handles by kind, the strict setting -----------------
+
+
+def test_an_unsupported_checkpoint_is_named_with_what_is_supported(tmp_path: Path) -> None:
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ExportError) as caught:
+        export_bundle(
+            tmp_path / "bert", tmp_path / "out", precisions=("fp32",), progress=lambda _: None
+        )
+    message = str(caught.value)
+    assert "is a 'bert' model; supported: CLIP (CLIPModel" in message
+    for family in ("Chinese-CLIP", "SigLIP", "OpenCLIP", "sentence-transformers", "--vision"):
+        assert family in message
+
+
+def test_a_clip_model_with_a_wordpiece_tokenizer_exports_by_tokenizer_kind(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from clipsearch.export.demo_wordpiece import build_demo_wordpiece_tokenizer
+    from clipsearch.export.tokenizers import tiny_clip_config
+
+    root = tmp_path_factory.mktemp("clip-wordpiece")
+    tokenizer = build_demo_wordpiece_tokenizer()
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    config = tiny_clip_config(text_config={"vocab_size": len(tokenizer), **ids})
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(root / "ckpt")
+    bundle = load_bundle(
+        family_fixtures.exported(tmp_path_factory, "clip-wordpiece", root / "ckpt")
+    )
+    assert bundle.manifest.family == "clip"
+    assert (bundle.manifest.text.bos_id, bundle.manifest.text.eos_id) == (2, 3)  # [CLS], [SEP]
+    assert bundle.manifest.text.inputs == ("input_ids",)
+    assert_parity_recorded(bundle)
+
+
+def test_strict_text_length_is_a_server_setting(chinese_clip: tuple[Path, Bundle]) -> None:
+    from clipsearch.server.settings import Settings
+
+    _, bundle = chinese_clip
+    settings = Settings.from_env({"CLIPSEARCH_STRICT_TEXT_LENGTH": "1"})
+    options = EncoderOptions.from_settings(settings)
+    assert options.strict_text_length
+    strict = OnnxEncoder(bundle, EncoderOptions(warmup=False, strict_text_length=True))
+    with pytest.raises(InvalidInput, match="over the model's context of 52"):
+        strict.encode_text(["一" * 51])
+    lenient = served(bundle)
+    assert lenient.tokenizer.tokenize(["一" * 51])[0].truncated
+    assert lenient.encode_text(["一" * 51]).shape == (1, family_fixtures.PROJECTION)
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "text", "vision", "message"),
+    [
+        ("ckpt", "st-model", "clip", "give the checkpoint or --text, not both"),
+        ("", "st-model", "", "--text and --vision go together"),
+        ("ckpt", "", "clip", "--text and --vision go together"),
+        ("", "", "", "give a checkpoint"),
+    ],
+)
+def test_export_command_checks_its_checkpoint_arguments(
+    checkpoint: str, text: str, vision: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from clipsearch.export.exporter import main
+
+    args = argparse.Namespace(
+        checkpoint=checkpoint,
+        text=text,
+        vision=vision,
+        out="unused",
+        precision="fp32",
+        opset=17,
+        name="",
+        revision="",
+    )
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
