@@ -1,11 +1,11 @@
 """Several models in one server, and the same query side by side against collections built
 with different models: a real gRPC server on port 0, real Milvus Lite.
 
-Two models are served: the committed demo model (ONNX Runtime) and a second one. Until the
-second demo model (Chinese-CLIP architecture) is committed under server/models, the second
-is `fake_second_bundle`: the demo bundle under another name, model id and dim, served by the
-deterministic fake backend. Swapping in the real one is the one line of `SECOND_MODEL`; the
-tests ask only what holds for any two distinct models.
+Two models are served, both on ONNX Runtime: the committed demo model (CLIP) and the
+committed second demo model (Chinese-CLIP architecture, `server/models/demo-zh`). The tests
+ask only what holds for any two distinct models; `fake_second_bundle` (the demo bundle under
+another name, model id and dim, served by the deterministic fake backend) can stand in for
+the second by changing the one line of `SECOND_MODEL`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def fake_second_bundle(tmp: Path) -> Path:
     return renamed_bundle(tmp / "second", "second", FAKE_SECOND_ID, FAKE_SECOND_DIM)
 
 
-# The second model: when the Chinese-CLIP demo model lands, `lambda tmp: DEMO.parent / NAME`.
-SECOND_MODEL: Callable[[Path], Path] = fake_second_bundle
+# The second model: the committed Chinese-CLIP demo model (or `fake_second_bundle`).
+SECOND_MODEL: Callable[[Path], Path] = lambda tmp: DEMO.parent / "demo-zh"
 
 
 def per_model_components() -> Components:
