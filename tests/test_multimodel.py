@@ -60,8 +60,12 @@ def fake_second_bundle(tmp: Path) -> Path:
     return renamed_bundle(tmp / "second", "second", FAKE_SECOND_ID, FAKE_SECOND_DIM)
 
 
+def committed_second_bundle(tmp: Path) -> Path:
+    return DEMO.parent / "demo-zh"
+
+
 # The second model: the committed Chinese-CLIP demo model (or `fake_second_bundle`).
-SECOND_MODEL: Callable[[Path], Path] = lambda tmp: DEMO.parent / "demo-zh"
+SECOND_MODEL: Callable[[Path], Path] = committed_second_bundle
 
 
 def per_model_components() -> Components:
