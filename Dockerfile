@@ -36,6 +36,7 @@ COPY export ./export
 COPY bench ./bench
 COPY demo ./demo
 COPY bulk ./bulk
+COPY web ./web
 RUN pip install --no-deps . && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --user-group clipsearch && mkdir /data \

@@ -331,7 +331,11 @@ def test_demo_web_serves_the_page_until_interrupted(tmp_path: Path) -> None:
         assert url.startswith("http://127.0.0.1:")
         with httpx.Client(base_url=url, timeout=30) as http:
             collections = http.get("/api/collections").json()["collections"]
-            assert [(c["name"], c["count"]) for c in collections] == [("demo", 40)]
+            # One collection per committed model: the CLIP demo model and the Chinese-CLIP one.
+            assert sorted((c["name"], c["count"]) for c in collections) == [
+                ("demo", 40),
+                ("demo_demo_zh", 40),
+            ]
             hits = http.post("/api/search", json={"text": "a red circle", "collection": "demo"})
             thumbnail = hits.json()["hits"][0]["thumbnail"]
             assert http.get(thumbnail).headers["content-type"] == "image/jpeg"
