@@ -39,9 +39,10 @@ class Settings:
     model: str = _setting("", "model bundle directory (default: the committed demo model)")
     precision: str = _setting(
         "auto",
-        "precision variant: auto = fp16 on CUDA where the bundle has it, else fp32; int8 "
-        "(CPU) is faster but its vectors vary slightly with their batch-mates",
-        ("auto", "fp32", "fp16", "int8"),
+        "precision variant: auto = fp16 on CUDA where the bundle has it; on CPU int8-static "
+        "where the bundle has one that passed the batch-invariance gate, else fp32; int8 "
+        "(dynamic, CPU) is faster still but its vectors vary slightly with their batch-mates",
+        ("auto", "fp32", "fp16", "int8", "int8-static"),
     )
     device: str = _setting(
         "cpu", "execution providers in order of preference: cpu, cuda, tensorrt (comma list)"
