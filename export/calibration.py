@@ -155,7 +155,10 @@ def _photo_like(seed: int) -> bytes:
     base = np.stack(channels, axis=-1)
     for _ in range(int(rng.integers(2, 6))):  # hard-edged blocks: objects against a background
         x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
-        x1, y1 = x0 + int(rng.integers(8, width // 2 + 9)), y0 + int(rng.integers(8, height // 2 + 9))
+        x1, y1 = (
+            x0 + int(rng.integers(8, width // 2 + 9)),
+            y0 + int(rng.integers(8, height // 2 + 9)),
+        )
         base[y0:y1, x0:x1] = rng.uniform(0, 255, 3)
     noisy = np.clip(base + rng.normal(0, rng.uniform(2, 20), base.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()

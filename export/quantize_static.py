@@ -29,8 +29,6 @@ import numpy as np
 from clipsearch.export.calibration import CalibrationSet
 from clipsearch.server.bundle import TextSpec, VisionSpec
 
-_VISION_CALIBRATION_BATCH = 8
-
 
 @dataclass(frozen=True)
 class StaticConfig:
@@ -52,12 +50,13 @@ class StaticConfig:
         kept += [] if self.quantize_conv else ["patch Conv"]
         kept += ["projection"] if self.keep_projection_fp32 else []
         kept += [
-            op for op in ("Softmax", "LayerNormalization", "Gather") if op not in self.extra_op_types
+            op
+            for op in ("Softmax", "LayerNormalization", "Gather")
+            if op not in self.extra_op_types
         ]
         return {
             "format": "QDQ",
-            "method": self.method
-            + (f" {self.percentile}" if self.method == "percentile" else ""),
+            "method": self.method + (f" {self.percentile}" if self.method == "percentile" else ""),
             "activations": f"{self.activations} per tensor, static",
             "weights": "int8 per channel" + (", 7-bit (reduce_range)" if self.reduce_range else ""),
             "fp32": ", ".join(kept),
@@ -107,7 +106,8 @@ def vision_feeds(
 
     preprocess = ImagePreprocessor(spec, fast_jpeg=False)
     pixels = [preprocess(data) for data in images]
-    return [{input_name: b} for b in batches(pixels, _VISION_CALIBRATION_BATCH)]
+    # One image per feed: ONNX Runtime's histogram calibrators need equal shapes throughout.
+    return [{input_name: b} for b in batches(pixels, 1)]
 
 
 def make_int8_static(

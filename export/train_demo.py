@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-static")
 _TRAINING_STREAM = 0x7D3E0  # keeps training scenes apart from demo_eval.EVAL_SEED's
 
 
