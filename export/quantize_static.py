@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.export.calibration import CalibrationSet
 from clipsearch.server.bundle import TextSpec, VisionSpec
 
 

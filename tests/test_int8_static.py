@@ -214,7 +214,7 @@ def test_calibration_sets_from_a_directory_and_from_manifests(tmp_path: Path) ->
     assert from_jsonl.images == from_csv.images == from_dir.images
     assert len(from_jsonl.texts) == 10 and from_jsonl.texts == from_csv.texts  # en + zh each
     assert sum("的" in text for text in from_jsonl.texts) == 5  # the Chinese captions
-    with pytest.raises(ValueError, match="must be .jsonl or .csv"):
+    with pytest.raises(ValueError, match=r"must be \.jsonl or \.csv"):
         calibration.load_calibration(tmp_path / "captions.txt")
     builtin = calibration.builtin_calibration_set()
     assert builtin == calibration.builtin_calibration_set()  # deterministic, byte for byte
