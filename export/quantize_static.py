@@ -4,15 +4,16 @@ Dynamic int8 computes each activation's scale from the batch it is in, so a vect
 on its batch-mates. Here every scale is fixed at export from a calibration set, so an item
 gets the same integer arithmetic alone or in a batch of 32 (the exporter gates on it).
 
-What is quantized was chosen by measurement (docs/MODELS.md, "int8-static"): the MatMuls
-with constant weights (the Linear layers: q/k/v/out projections and the MLP), weights
-per output channel. Left in fp32: the activation x activation MatMuls of attention, Softmax,
-LayerNorm, the patch-embedding Conv, the token embedding and the final projection into the
-embedding space. Calibration: MinMax over the calibration set (Percentile and Entropy clip
-the rare large activations that CLIP's MLPs produce, which cost more than they save).
-Activations uint8, weights int8 with 7 bits (`reduce_range`): x86 CPUs without VNNI
-(AVX2 only) multiply u8 x s8 with `vpmaddubsw`, whose 16-bit pair sums saturate with full
-8-bit weights; 7-bit weights cannot saturate and VNNI CPUs lose nothing by them.
+What is quantized was chosen by measurement (docs/MODELS.md, "int8-static", has the table):
+every MatMul but the final projection (the Linear layers and attention's two products),
+weights int8 per output channel with 7 bits (`reduce_range`), activations uint8 per tensor.
+Left in fp32: LayerNorm and Softmax (quantizing them wrecks the text tower), the token
+embedding, the patch-embedding Conv and the projection into the embedding space.
+Calibration: the 99.999th percentile of each activation's magnitudes (MinMax stretches the
+8-bit grid over CLIP's rare large activations; 99.99 clips too much). 7-bit weights because
+x86 CPUs without VNNI (AVX2 only) multiply u8 x s8 with `vpmaddubsw`, whose 16-bit pair sums
+saturate with full 8-bit weights (the tiny test CLIP's text parity fell to 0.948); VNNI CPUs
+lose nothing by them.
 """
 
 from __future__ import annotations
