@@ -27,6 +27,9 @@ from clipsearch.server.text import TextTokenizer
 if TYPE_CHECKING:
     from clipsearch.export.families.base import FamilyModel
 
+# Batch invariance is measured on a full serving batch: alone vs inside a batch of 32.
+INVARIANCE_BATCH = 32
+
 PARITY_TEXTS: tuple[str, ...] = (
     "a photo of a cat",
     "A red circle and a blue square on a white background.",
@@ -192,6 +195,47 @@ def batch_invariance(
     batch = _normalized(encode(items))
     singles = _normalized(np.concatenate([encode(items[i : i + 1]) for i in range(len(items))]))
     return float(np.abs(batch - singles).max())
+
+
+def batch_invariance_cosine(
+    encode: Callable[[Any], np.ndarray], items: Sequence[Any] | np.ndarray
+) -> float:
+    """Min cosine between each item encoded alone and its row in the batch of all `items`."""
+    batch = _normalized(encode(items))
+    singles = _normalized(np.concatenate([encode(items[i : i + 1]) for i in range(len(items))]))
+    return float(np.sum(batch * singles, axis=1).min())
+
+
+def invariance_texts() -> tuple[str, ...]:
+    """INVARIANCE_BATCH texts of very different lengths: the parity texts, then captions."""
+    from clipsearch.export import demo_data
+
+    pairs = [
+        demo_data.caption_text(((a.name, "circle"), (b.name, "star")), language)
+        for a, b in zip(demo_data.COLOURS, demo_data.COLOURS[1:], strict=False)
+        for language in ("en", "zh")
+    ]
+    captions = [
+        demo_data.caption_text(((c.name, s.name),), "en")
+        for c in demo_data.COLOURS
+        for s in demo_data.SHAPES
+    ]
+    texts = (*PARITY_TEXTS, *pairs, *captions)
+    return texts[:INVARIANCE_BATCH]
+
+
+@lru_cache(maxsize=1)
+def invariance_images() -> tuple[bytes, ...]:
+    """INVARIANCE_BATCH encoded images: the parity images, then rendered scenes."""
+    from clipsearch.export import demo_data
+
+    scenes = [
+        demo_data.encode_jpeg(
+            demo_data.render_scene(demo_data.sample_scene(demo_data.scene_rng(0x1A7, i)), 96)
+        )
+        for i in range(INVARIANCE_BATCH)
+    ]
+    return tuple([i.data for i in parity_images()] + scenes)[:INVARIANCE_BATCH]
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-static")
 # "clip": CLIPModel + byte-level BPE (server/models/demo); "chinese_clip": ChineseCLIPModel,
 # a BERT text tower + WordPiece, images resized straight to the square (server/models/demo-zh).
 ARCHITECTURES = ("clip", "chinese_clip")

@@ -202,6 +202,8 @@ class MicroBatcher(Generic[P, R]):
         self._queues[priority].extend(items)
         self._arrived.set()
         try:
+            if len(items) == 1:  # most interactive calls: no gather future and callbacks
+                return [await items[0].future]
             return list(await asyncio.gather(*(item.future for item in items)))
         except BaseException:
             # One item failed or the caller was cancelled: the rest are of no use to anyone.

@@ -24,9 +24,14 @@ from clipsearch.server.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+# int8: dynamic quantization (activation scales per batch); int8-static: scales calibrated
+# at export, so a vector does not depend on its batch-mates.
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 # Parity bars (min cosine, PyTorch vs ONNX Runtime) an export must meet to be accepted.
-PARITY_BARS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+PARITY_BARS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99, "int8-static": 0.99}
+# An item alone vs its row in a batch of 32 (min cosine): the bar for a variant that the
+# server may pick by itself (`--precision auto`).
+BATCH_INVARIANCE_MIN_COSINE = 0.99999
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -90,6 +95,14 @@ class Variant:
     vision_file: str
     text_parity: Parity
     vision_parity: Parity
+    # {"text_min_cosine", "vision_min_cosine", "batch_size"}: alone vs in a batch.
+    batch_invariance: dict[str, float] = field(default_factory=dict)
+    # How a quantized variant was made (method, calibration set, ops left in fp32).
+    quantization: dict[str, str] = field(default_factory=dict)
+
+    def is_batch_invariant(self) -> bool:
+        figures = [self.batch_invariance.get(f"{t}_min_cosine") for t in ("text", "vision")]
+        return all(f is not None and f >= BATCH_INVARIANCE_MIN_COSINE for f in figures)
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,10 @@ class Manifest:
                     vision_file=v["vision_file"],
                     text_parity=Parity(**v["text_parity"]),
                     vision_parity=Parity(**v["vision_parity"]),
+                    batch_invariance={
+                        k: float(x) for k, x in v.get("batch_invariance", {}).items()
+                    },
+                    quantization={k: str(x) for k, x in v.get("quantization", {}).items()},
                 )
                 for name, v in raw["variants"].items()
             }

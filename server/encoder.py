@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -66,17 +66,27 @@ class EncoderOptions:
         )
 
 
-def choose_precision(asked: str, providers: Sequence[str], available: Sequence[str]) -> str:
-    """auto: fp16 on a GPU where the bundle has it, else fp32.
+def choose_precision(
+    asked: str,
+    providers: Sequence[str],
+    available: Sequence[str],
+    batch_invariant: Collection[str] = (),
+) -> str:
+    """auto: fp16 on a GPU where the bundle has it; on CPU int8-static where the bundle has
+    one that passed the export's batch-invariance gate (`batch_invariant` names those);
+    else fp32.
 
-    int8 is never chosen by itself: dynamic quantization scales activations per batch, so an
-    int8 vector depends (slightly: cosine ~0.99) on which other items shared its batch, and
-    the same image or query would not always get the same vector. It is an opt-in for
-    throughput.
+    Dynamic int8 is never chosen by itself: it scales activations per batch, so an int8
+    vector depends (slightly: cosine ~0.995) on which other items shared its batch, and the
+    same image or query would not always get the same vector. int8-static's scales are
+    fixed at export: the same item gets the same vector alone or in a batch of 32.
     """
     on_gpu = providers[0] in GPU_PROVIDERS
     if asked == "auto":
-        return "fp16" if on_gpu and "fp16" in available else "fp32"
+        if on_gpu:
+            return "fp16" if "fp16" in available else "fp32"
+        static = "int8-static"
+        return static if static in available and static in batch_invariant else "fp32"
     if asked not in available:
         raise BundleError(
             f"precision {asked} was asked for but the bundle has only {sorted(available)}"
@@ -84,7 +94,7 @@ def choose_precision(asked: str, providers: Sequence[str], available: Sequence[s
     if asked == "fp16" and not on_gpu:
         raise ConfigurationError(
             "the fp16 variant is for GPUs (CPU kernels for fp16 are slow or missing); "
-            "use --precision fp32 or int8 on CPU, or --device cuda"
+            "use --precision fp32, int8-static or int8 on CPU, or --device cuda"
         )
     return asked
 
@@ -124,7 +134,10 @@ class OnnxEncoder:
             bundle, limits=options.image_limits, fast_jpeg=options.fast_jpeg
         )
         self.precision = choose_precision(
-            options.precision, options.providers, list(self.manifest.variants)
+            options.precision,
+            options.providers,
+            list(self.manifest.variants),
+            [name for name, v in self.manifest.variants.items() if v.is_batch_invariant()],
         )
         variant = bundle.variant(self.precision)
         providers = resolve_providers(

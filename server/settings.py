@@ -102,9 +102,10 @@ class Settings:
     )
     precision: str = _setting(
         "auto",
-        "precision variant: auto = fp16 on CUDA where the bundle has it, else fp32; int8 "
-        "(CPU) is faster but its vectors vary slightly with their batch-mates",
-        ("auto", "fp32", "fp16", "int8"),
+        "precision variant: auto = fp16 on CUDA where the bundle has it; on CPU int8-static "
+        "where the bundle has one that passed the batch-invariance gate, else fp32; int8 "
+        "(dynamic, CPU) is about as fast but its vectors vary slightly with their batch-mates",
+        ("auto", "fp32", "fp16", "int8", "int8-static"),
     )
     device: str = _setting(
         "cpu", "execution providers in order of preference: cpu, cuda, tensorrt (comma list)"

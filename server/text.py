@@ -71,11 +71,14 @@ class TextTokenizer:
         return cls(bundle.tokenizer_path, bundle.manifest.text, strict=strict)
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
-        """Ids per text, (BOS) ... EOS, unpadded; one `encode_batch` call for the whole list.
+        """Ids per text, (BOS) ... EOS, unpadded; one `encode_batch` call for several texts.
 
         With `strict`, a text longer than the context raises InvalidInput naming it.
         """
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        if len(texts) == 1:  # a single query: skip the batch call's thread-pool dispatch
+            encodings = [self._tokenizer.encode(texts[0], add_special_tokens=False)]
+        else:
+            encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         bos, eos, keep = self.spec.bos_id, self.spec.eos_id, self._max_body
         start = 0 if bos is None else 1
         out: list[TokenizedText] = []

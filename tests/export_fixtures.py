@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-TINY_PRECISIONS = ("fp32", "int8", "fp16")
+TINY_PRECISIONS = ("fp32", "int8", "fp16", "int8-static")
 
 _lock = threading.Lock()
 _built: dict[str, Any] = {}

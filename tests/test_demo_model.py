@@ -30,7 +30,7 @@ def _objects(item: demo_data.GalleryItem) -> set[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-static"])
 @pytest.mark.parametrize(
     ("query", "wanted"),
     [
@@ -77,7 +77,7 @@ def held_out() -> demo_eval.HeldOutSet:
     return demo_eval.held_out_set(load_bundle(default_bundle_path()).manifest.vision)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-static"])
 def test_committed_model_measures_its_recorded_held_out_figures(
     held_out: demo_eval.HeldOutSet, precision: str
 ) -> None:
@@ -102,7 +102,22 @@ def test_committed_model_measures_its_recorded_held_out_figures(
 
 def test_committed_bundle_is_the_demo_model_it_describes() -> None:
     manifest = load_bundle(default_bundle_path()).manifest
-    assert set(manifest.variants) == {"fp32", "int8"}
+    assert set(manifest.variants) == {"fp32", "int8", "int8-static"}
+    for precision in ("fp32", "int8", "int8-static"):
+        figures = {
+            k.removeprefix(precision + "."): v
+            for k, v in manifest.evaluation.items()
+            if k.startswith(precision + ".")
+        }
+        assert demo_eval.misses(figures) == [], precision
+    # The variant served by default on CPU: users can't tell it from fp32 in retrieval.
+    metrics = [k.removeprefix("fp32.") for k in manifest.evaluation if k.startswith("fp32.")]
+    assert len(metrics) == 13
+    for metric in metrics:
+        fp32 = manifest.evaluation[f"fp32.{metric}"]
+        static = manifest.evaluation[f"int8-static.{metric}"]
+        assert abs(static - fp32) <= 0.01, (metric, fp32, static)
+    assert manifest.variants["int8-static"].is_batch_invariant()
     assert manifest.vision.image_size == 32
     assert manifest.text.eos_id == manifest.text.pad_id
 
@@ -113,7 +128,7 @@ def test_committed_bundle_is_small() -> None:
     assert total < 15 * 1024 * 1024
 
 
-@pytest.mark.slow  # trains 2 steps, exports fp32 + int8, evaluates both (~10 s)
+@pytest.mark.slow  # trains 2 steps, exports fp32 + int8 + int8-static, evaluates them
 def test_train_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
@@ -134,7 +149,7 @@ def test_train_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert json.loads((checkpoint / "training.json").read_text())["config"]["steps"] == 2
 
     bundle = load_bundle(out)
-    assert {f"{p}.{m}" for p in ("fp32", "int8") for m in demo_eval.BARS} <= set(
+    assert {f"{p}.{m}" for p in ("fp32", "int8", "int8-static") for m in demo_eval.BARS} <= set(
         bundle.manifest.evaluation
     )
     encoder = OnnxEncoder(bundle, EncoderOptions(precision="fp32", warmup=False))

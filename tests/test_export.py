@@ -123,7 +123,7 @@ def test_manifest_describes_the_model(bundle: Bundle) -> None:
     assert manifest.vision.resample == "bicubic"
     assert manifest.vision.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert manifest.vision.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
-    assert sorted(manifest.variants) == ["fp16", "fp32", "int8"]
+    assert sorted(manifest.variants) == ["fp16", "fp32", "int8", "int8-static"]
     assert manifest.variants["int8"].text_file == "text.int8.onnx"
     assert manifest.variants["fp32"].vision_file == "vision.onnx"
     name, digest = manifest.model_id.rsplit("-", 1)
@@ -149,7 +149,7 @@ def test_parity_figures_in_the_manifest_meet_the_bars(bundle: Bundle) -> None:
     assert fp32.vision_parity.max_abs_diff < 1e-5
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "fp16", "int8-static"])
 def test_graph_inputs_outputs_and_dynamic_axes(bundle: Bundle, precision: str) -> None:
     variant = bundle.variant(precision)
     float32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
@@ -190,7 +190,7 @@ def test_variants_hold_what_their_names_say(bundle: Bundle) -> None:
 # --- parity, batching, padding ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "fp16", "int8-static"])
 def test_parity_on_fresh_inputs_per_tower(
     bundle: Bundle, torch_side: tuple[Any, Any, Any], precision: str
 ) -> None:
