@@ -1,0 +1,155 @@
+"""A real Milvus server for tests and benchmarks: a `milvus-server` child process.
+
+The server comes from the PyPI package `milvus` (Milvus 2.3 standalone with embedded
+etcd, no Docker). `MilvusServerProcess` starts it on free loopback ports in its own data
+directory, waits a bounded time for it to answer, and stops it with SIGINT (the way
+`milvus-server` expects to be stopped). Several can run on one machine at once: the
+embedded etcd's client and peer ports, which `milvus-server` has no flag for, are moved to
+free ports through an etcd config file (`ETCD_CONFIG_PATH`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+STARTUP_TIMEOUT_S = 90.0
+SHUTDOWN_TIMEOUT_S = 20.0
+
+
+def milvus_server_executable() -> str | None:
+    """The `milvus-server` script of this interpreter's environment, if installed."""
+    beside_python = Path(sys.executable).with_name("milvus-server")
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("milvus-server")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class MilvusServerError(RuntimeError):
+    pass
+
+
+class MilvusServerProcess:
+    """A `milvus-server` child process; use as a context manager."""
+
+    def __init__(self, data_dir: Path, executable: str) -> None:
+        self.data_dir = data_dir
+        self.executable = executable
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        etcd_client, etcd_peer = free_port(), free_port()
+        etcd_config = self.data_dir / "embed-etcd.yaml"
+        etcd_config.write_text(
+            "name: clipsearch-test\n"
+            f"listen-client-urls: http://127.0.0.1:{etcd_client}\n"
+            f"advertise-client-urls: http://127.0.0.1:{etcd_client}\n"
+            f"listen-peer-urls: http://127.0.0.1:{etcd_peer}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{etcd_peer}\n"
+            f"initial-cluster: clipsearch-test=http://127.0.0.1:{etcd_peer}\n"
+        )
+        env = dict(os.environ, ETCD_CONFIG_PATH=str(etcd_config))
+        command = [
+            self.executable,
+            "--data", str(self.data_dir / "milvus"),
+            "--proxy-port", str(self.port),
+            "--etcd-port", str(etcd_client),
+        ]  # fmt: skip
+        with (self.data_dir / "milvus-server.out").open("wb") as out:
+            # Own session: if this process dies, the server can still be found by group id.
+            self._process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self._wait_until_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self, timeout_s: float) -> None:
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + timeout_s
+        last_error = "proxy port not open"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise MilvusServerError(f"milvus-server exited early:\n{self.log_tail()}")
+            if _port_open(self.port):
+                try:
+                    client = MilvusClient(self.uri, timeout=5)
+                    client.list_collections(timeout=5)
+                    client.close()
+                    return
+                except Exception as exc:  # not ready yet: any error means "try again"
+                    last_error = str(exc)
+            time.sleep(0.3)
+        raise MilvusServerError(
+            f"milvus-server did not answer on {self.uri} within {timeout_s:.0f} s "
+            f"({last_error}):\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        logs = [
+            self.data_dir / "milvus-server.out",
+            self.data_dir / "milvus/logs/milvus-stdout.log",
+        ]
+        tail: list[str] = []
+        for log in logs:
+            if log.exists():
+                tail += [f"--- {log}", *log.read_text(errors="replace").splitlines()[-lines:]]
+        return "\n".join(tail)
+
+    def stop(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> int | None:
+        """SIGINT, then wait; SIGKILL the process group only if it did not stop in time."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                return process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                return process.wait(timeout=5)
+        return process.returncode
+
+    def __enter__(self) -> MilvusServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
