@@ -16,6 +16,7 @@ server's per-item breakdown (mean store and inference µs, mean commit batch siz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pymilvus import DataType, MilvusClient
 
 from clipsearch.bench.milvus_server import MilvusServerProcess, milvus_server_executable
 from clipsearch.client import Client
@@ -144,8 +146,6 @@ def ingest_rate(client: Client, items: Sequence[DemoItem]) -> IngestRun:
 def raw_upsert_rate(uri: str, count: int, dim: int, batch: int = RAW_BATCH) -> float:
     """Items/s of bare pymilvus upserts (an image row and a caption row per item) into two
     collections shaped like a clipsearch collection and its caption companion."""
-    from pymilvus import DataType, MilvusClient
-
     config = IndexConfig.defaults_for("HNSW", "IP")
     client = MilvusClient(uri=uri, timeout=60)
     names = ("raw_images", "raw_captions")
@@ -187,10 +187,8 @@ def raw_upsert_rate(uri: str, count: int, dim: int, batch: int = RAW_BATCH) -> f
         return count / (time.perf_counter() - started)
     finally:
         for name in names:
-            try:
+            with contextlib.suppress(Exception):  # best effort: the data dir goes anyway
                 client.drop_collection(name)
-            except Exception:  # best effort: the data dir is deleted anyway
-                pass
         client.close()
 
 
@@ -246,15 +244,17 @@ def run(
             log(f"ingest into a Milvus server: {server_run.items_per_s:.0f} items/s")
             raw_server = raw_upsert_rate(milvus.uri, count, dim)
             log(f"raw pymilvus upserts into a Milvus server: {raw_server:.0f} items/s")
+    lite_rate = lite_run.items_per_s if lite_run else None
+    server_rate = server_run.items_per_s if server_run else None
     report.update(
         encoder_items_per_s=round(encoder or 0, 1),
         ingest_lite_items_per_s=round(lite_run.items_per_s, 1) if lite_run else None,
         ingest_server_items_per_s=round(server_run.items_per_s, 1) if server_run else None,
         raw_upsert_lite_items_per_s=round(raw_lite, 1) if raw_lite else None,
         raw_upsert_server_items_per_s=round(raw_server, 1) if raw_server else None,
-        ingest_vs_encoder_lite=_ratio(lite_run and lite_run.items_per_s, encoder),
-        ingest_vs_encoder_server=_ratio(server_run and server_run.items_per_s, encoder),
-        ingest_vs_raw_lite=_ratio(lite_run and lite_run.items_per_s, raw_lite),
+        ingest_vs_encoder_lite=_ratio(lite_rate, encoder),
+        ingest_vs_encoder_server=_ratio(server_rate, encoder),
+        ingest_vs_raw_lite=_ratio(lite_rate, raw_lite),
         lite=lite_run.to_dict() if lite_run else None,
         server=server_run.to_dict() if server_run else None,
     )

@@ -247,6 +247,8 @@ class ClipSearchServer:
                     batch=settings.ingest_write_batch,
                     wait_ms=settings.ingest_write_wait_ms,
                     max_queue=settings.max_queue,
+                    # Milvus Lite applies one write at a time: a second batch would only wait.
+                    workers=1 if settings.uses_milvus_lite else settings.ingest_write_concurrency,
                 ),
                 info=info_message(
                     bundle.manifest, backend, settings, _store_kind(store.store, settings)

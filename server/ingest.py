@@ -119,11 +119,14 @@ def checked_fields(item: IngestItem) -> StoredItem:
 
 class CollectionWriters:
     """One group commit per collection, shared by all ingest streams, through the store's
-    one executor (`AsyncStore`)."""
+    one executor (`AsyncStore`); `workers` commits of one collection in flight at once."""
 
-    def __init__(self, store: AsyncStore, batch: int, wait_ms: float, max_queue: int) -> None:
+    def __init__(
+        self, store: AsyncStore, batch: int, wait_ms: float, max_queue: int, workers: int = 1
+    ) -> None:
         self._store = store
         self._batch = batch
+        self._workers = workers
         self._wait_ms = wait_ms
         self._max_queue = max_queue
         self._writers: dict[str, GroupCommit[StoredItem]] = {}
@@ -145,6 +148,7 @@ class CollectionWriters:
                 max_batch_size=self._batch,
                 max_wait_ms=self._wait_ms,
                 max_queue=self._max_queue,
+                workers=self._workers,
             )
             await writer.start()
             self._writers[collection] = writer
