@@ -97,6 +97,8 @@ class IngestRun:
     ok: int
     failed: int
     mean_total_us: float
+    mean_queue_us: float
+    mean_preprocess_us: float
     mean_store_us: float
     mean_inference_us: float
     mean_batch_size: float
@@ -143,6 +145,8 @@ def ingest_rate(client: Client, items: Sequence[DemoItem]) -> IngestRun:
         ok=ok,
         failed=len(results) - ok,
         mean_total_us=sum(r.timing.total_us for r in results) / n,
+        mean_queue_us=sum(r.timing.queue_us for r in results) / n,
+        mean_preprocess_us=sum(r.timing.preprocess_us for r in results) / n,
         mean_store_us=sum(r.timing.search_us for r in results) / n,
         mean_inference_us=sum(r.timing.inference_us for r in results) / n,
         mean_batch_size=sum(r.timing.batch_size for r in results) / n,
