@@ -88,6 +88,23 @@ def register(commands: Any) -> None:
     latency.add_argument("--model", default="", help="model bundle (default: the demo model)")
     latency.add_argument("--milvus-uri", default="", help="Milvus (default: Lite in a temp dir)")
     latency.set_defaults(handler=_run_latency)
+
+    ingest: argparse.ArgumentParser = kinds.add_parser(
+        "ingest",
+        help="streaming ingest vs the encoder-only rate, into Milvus Lite and a Milvus server",
+        description=(
+            "Generates --count demo images with captions and, in one run, measures the "
+            "encoder-only rate (EncodeStream, batches of 32), ingest into Milvus Lite and into a "
+            "Milvus server started for the run (milvus-server), and raw pymilvus upserts into "
+            "each (the store's own limit). Prints ingest_vs_encoder_server, "
+            "ingest_vs_encoder_lite and every rate."
+        ),
+    )
+    ingest.add_argument("--json", action="store_true", help="print the results as JSON")
+    ingest.add_argument("--count", type=int, default=10_000, help="items (default: 10000)")
+    ingest.add_argument("--no-server", action="store_true", help="skip the Milvus server")
+    ingest.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
+    ingest.set_defaults(handler=_run_ingest)
     _register_load(kinds)
     _register_figures(kinds)
 
@@ -266,6 +283,13 @@ def _run_figures(args: argparse.Namespace) -> int:
 def _run_faults(args: argparse.Namespace) -> int:
     require("server", "onnxruntime", "PIL", "pymilvus")
     from clipsearch.bench.faults import main
+
+    return main(args)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "PIL", "pymilvus")
+    from clipsearch.bench.ingest import main
 
     return main(args)
 

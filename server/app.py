@@ -414,6 +414,8 @@ class ClipSearchServer:
                     wait_ms=settings.ingest_write_wait_ms,
                     max_queue=settings.max_queue,
                     retry_s=settings.store_retry_s,
+                    # Milvus Lite applies one write at a time: a second batch would only wait.
+                    workers=1 if settings.uses_milvus_lite else settings.ingest_write_concurrency,
                 ),
                 info=info_message(
                     default.bundle.manifest,

@@ -5,7 +5,9 @@ batch closes at `max_batch_size` items or `max_wait_ms` after its first, and a l
 after a quiet spell goes at once. `commit(items)` writes one batch (an upsert). If it
 refuses a batch with an error that one row can cause (`splittable`), the rows are committed
 apart, so only the bad one fails and no item sees an error about another's data; an error
-of the store itself (unavailable, collection gone) fails the whole batch.
+of the store itself (unavailable, collection gone) fails the whole batch. Up to `workers`
+batches are committed at once (a Milvus server takes concurrent writes; each item is still
+acknowledged only after its own batch's commit returned).
 
 Each item learns its own outcome and where its time went: waiting for its batch, and in
 the store (the batch's commit, plus its own retry when the batch was split).
@@ -59,6 +61,7 @@ class GroupCommit(Generic[P]):
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
+        workers: int = 1,
         splittable: Callable[[BaseException], bool] = row_error,
     ) -> None:
         self.name = name
@@ -70,6 +73,7 @@ class GroupCommit(Generic[P]):
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
+            workers=workers,
         )
 
     async def start(self) -> None:
@@ -122,9 +126,14 @@ class _CommitBatcher(MicroBatcher[P, _Outcome]):
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
+        workers: int,
     ) -> None:
         super().__init__(
-            name, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+            name,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            workers=workers,
         )
         self._run_commit = run
 

@@ -137,7 +137,7 @@ def checked_fields(item: IngestItem) -> StoredItem:
 
 class CollectionWriters:
     """One group commit per collection, shared by all ingest streams, through the store's
-    one executor (`AsyncStore`)."""
+    one executor (`AsyncStore`); `workers` commits of one collection in flight at once."""
 
     def __init__(
         self,
@@ -145,10 +145,13 @@ class CollectionWriters:
         batch: int,
         wait_ms: float,
         max_queue: int,
+        *,
         retry_s: float = DEFAULT_STORE_RETRY_S,
+        workers: int = 1,
     ) -> None:
         self._store = store
         self._batch = batch
+        self._workers = workers
         self._wait_ms = wait_ms
         self._max_queue = max_queue
         self.retry_s = retry_s
@@ -185,6 +188,7 @@ class CollectionWriters:
                 max_batch_size=self._batch,
                 max_wait_ms=self._wait_ms,
                 max_queue=self._max_queue,
+                workers=self._workers,
             )
             await writer.start()
             self._writers[collection] = writer

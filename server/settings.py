@@ -171,6 +171,9 @@ class Settings:
     ingest_window: int = _setting(128, "items of one ingest stream being processed at once")
     ingest_write_batch: int = _setting(64, "items written to Milvus in one upsert")
     ingest_write_wait_ms: float = _setting(20.0, "longest an encoded item waits for its upsert")
+    ingest_write_concurrency: int = _setting(
+        2, "upserts of one collection in flight at once on a Milvus server (Lite: always 1)"
+    )
 
     # --- observability
     metrics_port: int = _setting(
@@ -212,6 +215,7 @@ class Settings:
             "max_message_mb", "max_batch_size", "max_queue", "inference_workers",
             "max_image_bytes", "max_image_pixels", "ingest_window", "ingest_write_batch",
             "max_text_bytes", "max_inputs_per_request",
+            "ingest_write_concurrency",
         )  # fmt: skip
         problems += [f"{n} must be > 0" for n in positive if getattr(self, n) <= 0]
         non_negative = (

@@ -155,3 +155,53 @@ async def test_closing_fails_what_is_still_queued_with_unavailable() -> None:
     outcomes = await asyncio.gather(*writes, return_exceptions=True)
     assert not isinstance(outcomes[0], BaseException)
     assert all(isinstance(o, Unavailable) for o in outcomes[1:])
+
+
+async def test_two_workers_commit_two_batches_at_once_and_ack_each_after_its_own() -> None:
+    first_started, release_first = asyncio.Event(), asyncio.Event()
+    calls: list[list[int]] = []
+
+    async def commit(items: list[int]) -> None:
+        calls.append(items)
+        if 0 in items:
+            first_started.set()
+            await release_first.wait()
+
+    group: GroupCommit[int] = GroupCommit(
+        "t", commit, max_batch_size=2, max_wait_ms=20.0, max_queue=8, workers=2
+    )
+    await group.start()
+    try:
+        first = [asyncio.create_task(group.write(i)) for i in (0, 1)]
+        await first_started.wait()
+        second = [asyncio.create_task(group.write(i)) for i in (2, 3)]
+        done = await asyncio.gather(*second)  # committed while the first batch is in its commit
+        assert all(not task.done() for task in first)  # not acked before its own commit returns
+        release_first.set()
+        await asyncio.gather(*first)
+    finally:
+        await group.close()
+    assert calls == [[0, 1], [2, 3]]
+    assert [timing.batch_size for timing in done] == [2, 2]
+
+
+async def test_with_two_workers_a_refused_batch_still_fails_only_the_bad_row(
+    refusing: tuple[RefusingStore, AsyncStore],
+) -> None:
+    store, async_store = refusing
+    writers = CollectionWriters(async_store, batch=4, wait_ms=50.0, max_queue=100, workers=2)
+    ids = [f"ok-{i}" for i in range(6)] + ["poison"] + [f"ok-{i}" for i in range(6, 12)]
+    try:
+        outcomes = await asyncio.gather(
+            *(writers.write("c", stored(i, n)) for n, i in enumerate(ids)),
+            return_exceptions=True,
+        )
+    finally:
+        await writers.close()
+    failed = [i for i, o in zip(ids, outcomes, strict=True) if isinstance(o, BaseException)]
+    assert failed == ["poison"]
+    # Three batches of 4 and the last of 1; the refused batch again row by row.
+    assert sorted(len(batch) for batch in store.upserts) == [1] * 5 + [4] * 3
+    assert ["poison"] in store.upserts
+    assert store.inner.count("c") == 12
+    assert store.inner.existing_ids("c", ids) == set(ids) - {"poison"}

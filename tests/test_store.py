@@ -280,6 +280,34 @@ def test_upsert_counts_exactly_and_reupsert_replaces(store: MilvusStore, name: s
     assert top[0].id == ids[7] and top[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_concurrent_upserts_count_exactly_with_every_caption_vector_in_place(
+    store: MilvusStore, name: str
+) -> None:
+    store.create_collection(name, DIM, "m")
+    batches = [items([f"t{t}-{i}" for i in range(40)], seed=10 + t) for t in range(4)]
+    errors: list[BaseException] = []
+
+    def write(batch: list[StoredItem]) -> None:
+        try:
+            store.upsert(name, batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert store.count(name) == 160
+    expected = {item.id: item for batch in batches for item in batch}
+    got = store.get(name, list(expected), include_vectors=True)
+    assert len(got) == 160
+    for item in got:
+        np.testing.assert_array_equal(item.image_vector, expected[item.id].image_vector)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(item.caption_vector, expected[item.id].caption_vector)  # type: ignore[arg-type]
+
+
 def test_duplicate_ids_in_one_upsert_keep_the_last(store: MilvusStore, name: str) -> None:
     store.create_collection(name, DIM, "m")
     first, second = items(["same"], seed=1)[0], items(["same"], seed=2)[0]

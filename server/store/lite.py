@@ -9,9 +9,13 @@ restarted service would.
 Milvus Lite 3.2 keeps new rows in a memtable until it holds 128 MiB, and every search
 converts each memtable row to Python objects: about 0.1 ms per 512-d row, so 10k unflushed
 rows cost a second per search (and per count) while the same rows flushed to a segment
-search in tens of milliseconds. So the store flushes a collection every 1024 rows written
+search in tens of milliseconds. So the store flushes a collection every 8192 rows written
 to it, and flushes the rest once the collection has had no write for a second
-(`MemtableFlusher`).
+(`MemtableFlusher`). Flushing is not free: each flush writes a segment and queues a
+compaction and an index build on Lite's background thread, in this process, whose cost
+grows with the collection; flushing every 1024 rows made a 4,096-item bulk load 9x slower
+than no flush at all (docs/BENCHMARKS.md, "Streaming ingest"). 8192 bounds a search during
+a bulk load at about a second and leaves ingest close to Lite's raw rate.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import grpc
 
 from clipsearch.server.errors import ConfigurationError, Unavailable
 
-FLUSH_EVERY_ROWS = 1024
+FLUSH_EVERY_ROWS = 8192
 IDLE_FLUSH_S = 1.0
 LITE_SERVER_THREADS = 10  # as milvus_lite's own launcher
 LITE_MAX_MESSAGE_BYTES = 256 * 1024 * 1024

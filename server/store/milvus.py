@@ -32,8 +32,11 @@ batch on a server).
 Threads. The store is safe to call from several threads. pymilvus's client is a gRPC
 channel, safe for concurrent calls. Milvus Lite 3.2 does not serialize concurrent writes
 to one collection (sequence numbers and WAL appends are unguarded), and `delete` must know
-which ids existed just before deleting them, so every write and DDL call of one store takes
-one lock; reads run concurrently.
+which ids existed just before deleting them, so every DDL call and delete of one store
+takes one lock, and so does every upsert into Milvus Lite; reads run concurrently. Upserts
+into a Milvus server skip the lock (the server orders concurrent writes itself) and send
+the image rows and the caption rows at once: a write there is mostly waiting for the
+server, so an ingest runs several upserts in flight (`ingest_write_concurrency`).
 
 Errors. Every pymilvus exception becomes a domain error (see `milvus_errors`); every call
 carries a timeout, so an unreachable Milvus answers Unavailable instead of hanging. The
@@ -52,11 +55,13 @@ disk has room for it (their WAL twice over, plus a margin).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -151,6 +156,14 @@ class MilvusStore:
         self._lite = LiteDatabase.open(uri) if is_milvus_lite(uri) else None
         self._flusher = (
             MemtableFlusher(self._flush_idle, every_rows=lite_flush_rows) if self._lite else None
+        )
+        self._upsert_lock: contextlib.AbstractContextManager[object] = (
+            self._write_lock if self._lite else contextlib.nullcontext()
+        )
+        # The caption rows of a server upsert go from here while the image rows go from the
+        # caller's thread.
+        self._companion_writer = (
+            None if self._lite else ThreadPoolExecutor(4, thread_name_prefix="milvus-captions")
         )
         self._description = str(self._lite.path) if self._lite else _redacted(uri)
         try:
@@ -316,7 +329,7 @@ class MilvusStore:
                 without_caption.append(item.id)
             else:
                 caption_rows.append(caption_row)
-        with self._write_lock:
+        with self._upsert_lock:
             # Old caption vectors go first, without asking which exist (a read here would wait
             # for this process's earlier writes to become searchable: ~0.2 s per batch on a
             # server); the caption upserts that follow make the deletes visible to Session reads.
@@ -326,13 +339,10 @@ class MilvusStore:
                 without_caption,
                 followed_by_write=bool(caption_rows),
             )
-            applied = bool(without_caption)
+            # One entry per write that went through: a later failure leaves the outcome open.
+            applied = [True] if without_caption else []
             try:
-                for rows in _batches(image_rows):
-                    self._upsert_rows(collection, name, rows)
-                    applied = True
-                for rows in _batches(caption_rows):
-                    self._upsert_rows(collection, collection.companion, rows)
+                self._upsert_both(collection, image_rows, caption_rows, applied)
             except BaseException as exc:
                 if without_caption and caption_rows:
                     self._reads.deleted(collection.companion)
@@ -343,6 +353,38 @@ class MilvusStore:
                     ) from exc
                 raise
         self._disk_full = None
+
+    def _upsert_both(
+        self,
+        collection: _Collection,
+        image_rows: list[dict[str, Any]],
+        caption_rows: list[dict[str, Any]],
+        applied: list[bool],
+    ) -> None:
+        """The image rows into the collection, the caption rows into its companion: one
+        after the other on Milvus Lite, at once on a server. Returns when both are written;
+        raises the first error (the image rows' if both failed). Appends to `applied` after
+        each batch written."""
+
+        def captions() -> None:
+            for rows in _batches(caption_rows):
+                self._upsert_rows(collection, collection.companion, rows)
+                applied.append(True)
+
+        pending, error = None, None
+        if self._companion_writer is not None and caption_rows:
+            pending = self._companion_writer.submit(captions)
+        try:
+            for rows in _batches(image_rows):
+                self._upsert_rows(collection, collection.name, rows)
+                applied.append(True)
+        finally:
+            if pending is not None:
+                error = pending.exception()  # waits: nothing is left in flight on any path
+        if pending is None:
+            captions()
+        elif error is not None:
+            raise error
 
     def get(self, name: str, ids: Sequence[str], include_vectors: bool = False) -> list[StoredItem]:
         collection = self._collection(name)
@@ -463,6 +505,8 @@ class MilvusStore:
             return
         if self._flusher:
             self._flusher.close()
+        if self._companion_writer:
+            self._companion_writer.shutdown(wait=True)
         self._closed = True
         try:
             self._client.close()

@@ -1,0 +1,291 @@
+"""`clipsearch bench ingest`: streaming ingest against the encoder-only rate, in one run.
+
+Generates N demo scenes (JPEG + English caption + a little metadata) in memory, starts
+`clipsearch serve` (the demo model) and measures, with the same items:
+  - encoder only: `EncodeStream` in batches of 32 images and 32 captions, nothing stored;
+  - ingest into Milvus Lite (the server's own file) and into a Milvus server started for
+    the run (`milvus-server`), through `Client.ingest`, into a collection created before
+    the clock starts (creating one takes seconds on a server);
+  - Lite's and the server's own limits: raw pymilvus upserts of the same number of rows
+    (image row + caption row per item, batches of the server's group-commit size) from
+    this process, no clipsearch code in between.
+The encoder-only rate is measured in each `clipsearch serve` process: with Lite, and again
+beside the running Milvus server (which takes CPU even when idle; on a small machine that
+shows), and each ingest is compared with its own. It prints `ingest_vs_encoder_server` and
+`ingest_vs_encoder_lite` with every rate, plus the
+server's per-item breakdown (mean store and inference µs, mean commit batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from clipsearch.bench.milvus_server import MilvusServerProcess, milvus_server_executable
+from clipsearch.client import Client
+from clipsearch.client.types import IngestItem, IngestResult
+from clipsearch.export.demo_data import (
+    DEFAULT_TWO_OBJECT_FRACTION,
+    encode_jpeg,
+    render_scene,
+    sample_scene,
+    scene_rng,
+)
+from clipsearch.server.process import ServerProcess
+from clipsearch.server.store.indexing import IndexConfig
+
+COLLECTION = "bench_ingest"
+ENCODE_BATCH = 32
+RAW_BATCH = 64
+IMAGE_SIZE = 128
+SEED = 11
+RESULT_KEYS = (
+    "items",
+    "encoder_items_per_s",
+    "encoder_beside_server_items_per_s",
+    "ingest_lite_items_per_s",
+    "ingest_server_items_per_s",
+    "raw_upsert_lite_items_per_s",
+    "raw_upsert_server_items_per_s",
+    "ingest_vs_encoder_lite",
+    "ingest_vs_encoder_server",
+    "ingest_vs_raw_lite",
+)
+
+
+@dataclass(frozen=True)
+class DemoItem:
+    id: str
+    image: bytes
+    caption: str
+    metadata: dict[str, Any]
+
+
+def demo_items(count: int, seed: int = SEED) -> list[DemoItem]:
+    items = []
+    for index in range(count):
+        scene = sample_scene(scene_rng(seed, index), DEFAULT_TWO_OBJECT_FRACTION)
+        first = scene.objects[0]
+        items.append(
+            DemoItem(
+                id=f"bench-{seed}-{index:07d}",
+                image=encode_jpeg(render_scene(scene, IMAGE_SIZE)),
+                caption=scene.caption_en,
+                metadata={"shape": first.shape, "colour": first.colour, "n": len(scene.objects)},
+            )
+        )
+    return items
+
+
+@dataclass
+class IngestRun:
+    items_per_s: float
+    seconds: float
+    ok: int
+    failed: int
+    mean_total_us: float
+    mean_queue_us: float
+    mean_preprocess_us: float
+    mean_store_us: float
+    mean_inference_us: float
+    mean_batch_size: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items()}
+
+
+def encoder_rate(client: Client, items: Sequence[DemoItem]) -> float:
+    def batches() -> Iterator[list[str | bytes]]:
+        for start in range(0, len(items), ENCODE_BATCH):
+            chunk = items[start : start + ENCODE_BATCH]
+            yield [item.image for item in chunk]
+            yield [item.caption for item in chunk]
+
+    started = time.perf_counter()
+    results = list(client.encode_stream(batches()))
+    seconds = time.perf_counter() - started
+    failed = [r.error for r in results if r.error]
+    if failed:
+        raise RuntimeError(f"encoding failed: {failed[:3]}")
+    return len(items) / seconds
+
+
+def ingest_rate(client: Client, items: Sequence[DemoItem]) -> IngestRun:
+    client.create_collection(COLLECTION, exist_ok=True)
+    sent = [
+        IngestItem(id=i.id, image=i.image, caption=i.caption, metadata=i.metadata) for i in items
+    ]
+    results: list[IngestResult] = []
+    started = time.perf_counter()
+    for result in client.ingest(sent, collection=COLLECTION, create_collection=False):
+        results.append(result)
+    seconds = time.perf_counter() - started
+    ok = sum(r.ok for r in results)
+    count = client.count(collection=COLLECTION)
+    if ok != len(items) or count != len(items):
+        errors = [r.error for r in results if not r.ok][:3]
+        raise RuntimeError(f"ingest: {ok} ok, count {count} of {len(items)}: {errors}")
+    n = max(len(results), 1)
+    return IngestRun(
+        items_per_s=len(items) / seconds,
+        seconds=seconds,
+        ok=ok,
+        failed=len(results) - ok,
+        mean_total_us=sum(r.timing.total_us for r in results) / n,
+        mean_queue_us=sum(r.timing.queue_us for r in results) / n,
+        mean_preprocess_us=sum(r.timing.preprocess_us for r in results) / n,
+        mean_store_us=sum(r.timing.search_us for r in results) / n,
+        mean_inference_us=sum(r.timing.inference_us for r in results) / n,
+        mean_batch_size=sum(r.timing.batch_size for r in results) / n,
+    )
+
+
+def raw_upsert_rate(uri: str, count: int, dim: int, batch: int = RAW_BATCH) -> float:
+    """Items/s of bare pymilvus upserts (an image row and a caption row per item) into two
+    collections shaped like a clipsearch collection and its caption companion."""
+    config = IndexConfig.defaults_for("HNSW", "IP")
+    client = MilvusClient(uri=uri, timeout=60)
+    names = ("raw_images", "raw_captions")
+    try:
+        for name in names:
+            if client.has_collection(name):
+                client.drop_collection(name)
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
+            schema.add_field("uri", DataType.VARCHAR, max_length=2048)
+            schema.add_field("caption", DataType.VARCHAR, max_length=4096)
+            schema.add_field("metadata", DataType.JSON)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            index = MilvusClient.prepare_index_params()
+            index.add_index(
+                field_name="vector",
+                index_type=config.index_type,
+                metric_type=config.metric,
+                params=dict(config.build_params),
+            )
+            client.create_collection(name, schema=schema, index_params=index)
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((count, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        rows = [
+            {
+                "id": f"raw-{i:07d}",
+                "uri": "",
+                "caption": "a red circle",
+                "metadata": {"shape": "circle", "colour": "red", "n": 1},
+                "vector": vectors[i],
+            }
+            for i in range(count)
+        ]
+        started = time.perf_counter()
+        for start in range(0, count, batch):
+            for name in names:
+                client.upsert(name, rows[start : start + batch])
+        return count / (time.perf_counter() - started)
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):  # best effort: the data dir goes anyway
+                client.drop_collection(name)
+        client.close()
+
+
+def _serve(stack: ExitStack, milvus_uri: str, threads: int) -> Client:
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    server = stack.enter_context(
+        ServerProcess(["--log-level", "warning", "--milvus-uri", milvus_uri], env=env)
+    )
+    return stack.enter_context(Client(server.address, timeout=600))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def run(
+    count: int, work: Path, *, server: bool = True, lite: bool = True, log: Callable[[str], None]
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    items = demo_items(count)
+    log(f"generated {count} items in {time.perf_counter() - started:.1f} s")
+    report: dict[str, Any] = {"items": count, "load_average": list(os.getloadavg())}
+    encoder: float | None = None
+    lite_run: IngestRun | None = None
+    server_run: IngestRun | None = None
+    raw_lite: float | None = None
+    raw_server: float | None = None
+    encoder_beside_server: float | None = None
+    dim = 0
+    if lite:
+        with ExitStack() as stack:
+            client = _serve(stack, str(work / "lite.db"), 0)
+            dim = client.info().dim
+            list(client.encode_stream([[items[0].image], [items[0].caption]]))  # warm up
+            encoder = encoder_rate(client, items)
+            log(f"encoder only: {encoder:.0f} items/s")
+            lite_run = ingest_rate(client, items)
+            log(f"ingest into Milvus Lite: {lite_run.items_per_s:.0f} items/s")
+        raw_lite = raw_upsert_rate(str(work / "raw.db"), count, dim)
+        log(f"raw pymilvus upserts into Milvus Lite: {raw_lite:.0f} items/s")
+    if server:
+        executable = milvus_server_executable()
+        if executable is None:
+            raise RuntimeError("milvus-server is not installed (pip install 'milvus>=2.3.5,<2.4')")
+        with ExitStack() as stack:
+            milvus = stack.enter_context(MilvusServerProcess(work / "milvus", executable))
+            client = _serve(stack, milvus.uri, 0)
+            dim = client.info().dim
+            # Measured again beside the Milvus server, which takes CPU of its own even idle.
+            list(client.encode_stream([[items[0].image], [items[0].caption]]))
+            encoder_beside_server = encoder_rate(client, items)
+            log(f"encoder only, beside the Milvus server: {encoder_beside_server:.0f} items/s")
+            server_run = ingest_rate(client, items)
+            log(f"ingest into a Milvus server: {server_run.items_per_s:.0f} items/s")
+            raw_server = raw_upsert_rate(milvus.uri, count, dim)
+            log(f"raw pymilvus upserts into a Milvus server: {raw_server:.0f} items/s")
+    lite_rate = lite_run.items_per_s if lite_run else None
+    server_rate = server_run.items_per_s if server_run else None
+    report.update(
+        encoder_items_per_s=round(encoder, 1) if encoder else None,
+        encoder_beside_server_items_per_s=(
+            round(encoder_beside_server, 1) if encoder_beside_server else None
+        ),
+        ingest_lite_items_per_s=round(lite_run.items_per_s, 1) if lite_run else None,
+        ingest_server_items_per_s=round(server_run.items_per_s, 1) if server_run else None,
+        raw_upsert_lite_items_per_s=round(raw_lite, 1) if raw_lite else None,
+        raw_upsert_server_items_per_s=round(raw_server, 1) if raw_server else None,
+        ingest_vs_encoder_lite=_ratio(lite_rate, encoder),
+        ingest_vs_encoder_server=_ratio(server_rate, encoder_beside_server),
+        ingest_vs_raw_lite=_ratio(lite_rate, raw_lite),
+        lite=lite_run.to_dict() if lite_run else None,
+        server=server_run.to_dict() if server_run else None,
+    )
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    def log(line: str) -> None:
+        print(f"bench ingest: {line}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="clipsearch-bench-ingest-") as work:
+        report = run(
+            args.count, Path(work), server=not args.no_server, lite=not args.no_lite, log=log
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key in RESULT_KEYS:
+            print(f"{key:32} {report[key]}")
+    return 0
