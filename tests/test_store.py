@@ -201,46 +201,6 @@ def test_ids_with_quotes_backslashes_and_unicode(store: MilvusStore, name: str) 
 # --- search -------------------------------------------------------------------------------
 
 
-def test_search_ranks_nearest_first_with_numpy_cosines(gallery: Gallery) -> None:
-    query = unit_vectors(1, DIM, seed=99)[0]
-    hits = gallery.store.search(gallery.name, query, Target.IMAGE, 10)
-    assert [hit.id for hit in hits] == gallery.expected(query, Target.IMAGE)[:10]
-    expected_scores = [float(gallery.images[gallery.ids.index(hit.id)] @ query) for hit in hits]
-    np.testing.assert_allclose([hit.score for hit in hits], expected_scores, atol=1e-5)
-    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
-    first = gallery.ids.index(hits[0].id)
-    assert hits[0].uri == f"s3://bucket/{gallery.colours[first]}/{first}.jpg"
-    assert hits[0].metadata["rank"] == first
-
-
-def test_search_finds_an_item_by_its_own_vector(gallery: Gallery) -> None:
-    for i in (0, 57, 199):
-        hit = gallery.store.search(gallery.name, gallery.images[i], Target.IMAGE, 1)[0]
-        assert hit.id == gallery.ids[i] and hit.score == pytest.approx(1.0, abs=1e-5)
-
-
-def test_caption_search_sees_only_captioned_items(gallery: Gallery) -> None:
-    query = gallery.captions[42]
-    hits = gallery.store.search(gallery.name, query, Target.CAPTION, 20)
-    assert [hit.id for hit in hits] == gallery.expected(query, Target.CAPTION)[:20]
-    assert hits[0].id == "img-042" and hits[0].caption == "a red thing number 42"
-    assert all(int(hit.id[4:]) % 2 == 0 for hit in hits)
-
-
-def test_offset_pages_are_disjoint_and_ordered(gallery: Gallery) -> None:
-    query = unit_vectors(1, DIM, seed=98)[0]
-    pages = [
-        gallery.store.search(gallery.name, query, Target.IMAGE, 7, offset=offset)
-        for offset in (0, 7, 14)
-    ]
-    ids = [hit.id for page in pages for hit in page]
-    assert ids == gallery.expected(query, Target.IMAGE)[:21]
-    scores = [hit.score for page in pages for hit in page]
-    assert scores == sorted(scores, reverse=True)
-    last = gallery.store.search(gallery.name, query, Target.IMAGE, 50, offset=GALLERY_SIZE - 5)
-    assert len(last) == 5
-
-
 def test_filters_on_scalar_and_json_fields(gallery: Gallery) -> None:
     query = unit_vectors(1, DIM, seed=97)[0]
     colours = np.array(gallery.colours)
@@ -309,32 +269,6 @@ def test_bad_filter_is_invalid_filter_with_explanation(gallery: Gallery, express
     assert expression in message and len(message) > len(expression) + 20
     with pytest.raises(InvalidFilter):
         gallery.store.count(gallery.name, expression)
-
-
-def test_wrong_query_dimension_says_expected_and_got(gallery: Gallery) -> None:
-    with pytest.raises(InvalidInput, match=f"dimension {DIM - 1}, expected {DIM}"):
-        gallery.store.search(gallery.name, np.ones(DIM - 1, np.float32), Target.IMAGE, 3)
-    with pytest.raises(InvalidInput, match="one vector"):
-        gallery.store.search(gallery.name, np.ones((2, DIM), np.float32), Target.IMAGE, 3)
-
-
-@pytest.mark.parametrize(
-    ("top_k", "offset", "params", "message"),
-    [
-        (0, 0, None, "top_k"),
-        (5, -1, None, "offset"),
-        (10_000, 10_000, None, "at most 16384"),
-        (5, 0, {"ef": -3}, "positive integer"),
-        (5, 0, {"ef": float("nan")}, "finite"),
-    ],
-)
-def test_bad_search_window_and_params(
-    gallery: Gallery, top_k: int, offset: int, params: dict[str, float] | None, message: str
-) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        gallery.store.search(
-            gallery.name, gallery.images[0], Target.IMAGE, top_k, offset=offset, params=params
-        )
 
 
 def test_search_params_are_accepted(gallery: Gallery) -> None:

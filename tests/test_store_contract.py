@@ -338,6 +338,7 @@ def test_search_ranks_like_numpy_with_its_scores(gallery: Gallery) -> None:
     assert [hit.id for hit in hits] == gallery.expected(query, Target.IMAGE)[:10]
     expected = [float(gallery.images[gallery.ids.index(hit.id)] @ query) for hit in hits]
     np.testing.assert_allclose([hit.score for hit in hits], expected, atol=1e-5)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
     first = gallery.ids.index(hits[0].id)
     assert hits[0].uri == f"s3://bucket/{colour(first)}/{first}.jpg"
     assert hits[0].metadata == metadata(first)
@@ -359,6 +360,8 @@ def test_offset_pages_are_disjoint_and_ordered(gallery: Gallery) -> None:
         for offset in (0, 7, 14)
     ]
     assert [hit.id for page in pages for hit in page] == gallery.expected(query, Target.IMAGE)[:21]
+    scores = [hit.score for page in pages for hit in page]
+    assert scores == sorted(scores, reverse=True)
     last = gallery.store.search(gallery.name, query, Target.IMAGE, 50, offset=SIZE - 5)
     assert [hit.id for hit in last] == gallery.expected(query, Target.IMAGE)[-5:]
 
