@@ -20,6 +20,7 @@ from store_fixtures import (
     MilvusServerProcess,
     free_port,
     milvus_server_executable,
+    stored_items,
     unit_vectors,
 )
 
@@ -93,18 +94,7 @@ def name(store: MilvusStore) -> Iterator[str]:
 
 
 def items(ids: list[str], seed: int, captioned: bool = True, dim: int = DIM) -> list[StoredItem]:
-    images, captions = unit_vectors(len(ids), dim, seed), unit_vectors(len(ids), dim, seed + 1)
-    return [
-        StoredItem(
-            id=item_id,
-            uri=f"file:///images/{item_id}.png",
-            caption=f"caption of {item_id}" if captioned else "",
-            metadata={"n": n, "seed": seed},
-            image_vector=images[n],
-            caption_vector=captions[n] if captioned else None,
-        )
-        for n, item_id in enumerate(ids)
-    ]
+    return stored_items(ids, seed, dim, captioned)
 
 
 # --- a read-only gallery shared by the search tests ---------------------------------------

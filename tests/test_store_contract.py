@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from store_fixtures import MilvusServerProcess, unit_vectors
+from store_fixtures import MilvusServerProcess, stored_items, unit_vectors
 
 from clipsearch.server.errors import (
     AlreadyExists,
@@ -67,18 +67,7 @@ def name(store: VectorStore) -> Iterator[str]:
 
 
 def items(ids: list[str], seed: int, captioned: bool = True) -> list[StoredItem]:
-    images, captions = unit_vectors(len(ids), DIM, seed), unit_vectors(len(ids), DIM, seed + 1)
-    return [
-        StoredItem(
-            id=item_id,
-            uri=f"file:///images/{item_id}.png",
-            caption=f"caption of {item_id}" if captioned else "",
-            metadata={"n": n, "seed": seed},
-            image_vector=images[n],
-            caption_vector=captions[n] if captioned else None,
-        )
-        for n, item_id in enumerate(ids)
-    ]
+    return stored_items(ids, seed, DIM, captioned)
 
 
 # --- a gallery with varied metadata, shared by the search and filter checks ---------------
