@@ -125,6 +125,12 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _tower(backend: ServingBackend, providers: list[str], settings: Settings) -> pb.TowerInfo:
+    return pb.TowerInfo(
+        precision=backend.precision, providers=providers, max_batch_size=settings.max_batch_size
+    )
+
+
 def model_message(model: LoadedModel, settings: Settings, is_default: bool) -> pb.ModelInfo:
     manifest, backend = model.bundle.manifest, model.backend
     return pb.ModelInfo(
@@ -135,16 +141,8 @@ def model_message(model: LoadedModel, settings: Settings, is_default: bool) -> p
         dim=manifest.dim,
         context_length=manifest.text.context_length,
         image_size=manifest.vision.image_size,
-        text=pb.TowerInfo(
-            precision=backend.precision,
-            providers=backend.text_providers,
-            max_batch_size=settings.max_batch_size,
-        ),
-        vision=pb.TowerInfo(
-            precision=backend.precision,
-            providers=backend.vision_providers,
-            max_batch_size=settings.max_batch_size,
-        ),
+        text=_tower(backend, backend.text_providers, settings),
+        vision=_tower(backend, backend.vision_providers, settings),
         is_default=is_default,
         memory_bytes=model.memory_bytes,
         startup_us=model.startup_us,
@@ -167,16 +165,8 @@ def info_message(
         dim=manifest.dim,
         context_length=manifest.text.context_length,
         image_size=manifest.vision.image_size,
-        text=pb.TowerInfo(
-            precision=backend.precision,
-            providers=backend.text_providers,
-            max_batch_size=settings.max_batch_size,
-        ),
-        vision=pb.TowerInfo(
-            precision=backend.precision,
-            providers=backend.vision_providers,
-            max_batch_size=settings.max_batch_size,
-        ),
+        text=_tower(backend, backend.text_providers, settings),
+        vision=_tower(backend, backend.vision_providers, settings),
         version=_version("clipsearch"),
         versions={
             name: _version(name)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from store_fixtures import MilvusServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +44,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reasons = sorted({str(report.longrepr[-1]) for report in skipped})
         reporter.write_line(f"CI: {len(skipped)} tests were skipped: {reasons}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServerProcess]:
+    """One real Milvus server, shared by the store tests of the whole session."""
+    from store_fixtures import MilvusServerProcess, milvus_server_executable
+
+    executable = milvus_server_executable()
+    if executable is None:
+        pytest.skip("the real-server tests need milvus-server: pip install milvus (PyPI, 2.3.x)")
+    with MilvusServerProcess(tmp_path_factory.mktemp("milvus-server"), executable) as server:
+        yield server

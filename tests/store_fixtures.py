@@ -11,12 +11,14 @@ from clipsearch.bench.milvus_server import (
     free_port,
     milvus_server_executable,
 )
+from clipsearch.server.store import StoredItem
 
 __all__ = [
     "MilvusServerError",
     "MilvusServerProcess",
     "free_port",
     "milvus_server_executable",
+    "stored_items",
     "unit_vectors",
 ]
 
@@ -26,3 +28,20 @@ def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
     vectors = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
     normalized: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     return normalized
+
+
+def stored_items(ids: list[str], seed: int, dim: int, captioned: bool = True) -> list[StoredItem]:
+    """Items `ids` with reproducible vectors (from `seed`), a uri, metadata and, if
+    `captioned`, a caption and its vector."""
+    images, captions = unit_vectors(len(ids), dim, seed), unit_vectors(len(ids), dim, seed + 1)
+    return [
+        StoredItem(
+            id=item_id,
+            uri=f"file:///images/{item_id}.png",
+            caption=f"caption of {item_id}" if captioned else "",
+            metadata={"n": n, "seed": seed},
+            image_vector=images[n],
+            caption_vector=captions[n] if captioned else None,
+        )
+        for n, item_id in enumerate(ids)
+    ]

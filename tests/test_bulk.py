@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from pymilvus import MilvusClient
 from server_fixtures import ThreadedServer, quick_settings
-from store_fixtures import MilvusServerProcess, milvus_server_executable
+from store_fixtures import MilvusServerProcess
 
 from clipsearch.bulk.run import connect
 from clipsearch.cli import main
@@ -45,15 +45,6 @@ def ray_instance() -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServerProcess]:
-    executable = milvus_server_executable()
-    if executable is None:
-        pytest.skip("needs milvus-server: pip install milvus (PyPI, 2.3.x)")
-    with MilvusServerProcess(tmp_path_factory.mktemp("bulk-milvus"), executable) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from store_fixtures import (
     MilvusServerProcess,
     free_port,
     milvus_server_executable,
+    stored_items,
     unit_vectors,
 )
 
@@ -28,7 +29,6 @@ from clipsearch.server.errors import (
     ConfigurationError,
     InvalidFilter,
     InvalidInput,
-    ModelMismatch,
     NotFound,
     Unavailable,
 )
@@ -41,7 +41,6 @@ from clipsearch.server.store import (
 )
 from clipsearch.server.store.consistency import ReadConsistency
 from clipsearch.server.store.lite import LiteDatabase, MemtableFlusher
-from clipsearch.server.store.validation import COMPANION_SUFFIX
 
 DIM = 16
 GALLERY_SIZE = 200
@@ -50,15 +49,6 @@ BACKENDS = ["lite", pytest.param("server", marks=pytest.mark.slow)]
 
 
 # --- backends ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServerProcess]:
-    executable = milvus_server_executable()
-    if executable is None:
-        pytest.skip("the real-server tests need milvus-server: pip install milvus (PyPI, 2.3.x)")
-    with MilvusServerProcess(tmp_path_factory.mktemp("milvus-server"), executable) as server:
-        yield server
 
 
 @dataclass(frozen=True)
@@ -104,18 +94,7 @@ def name(store: MilvusStore) -> Iterator[str]:
 
 
 def items(ids: list[str], seed: int, captioned: bool = True, dim: int = DIM) -> list[StoredItem]:
-    images, captions = unit_vectors(len(ids), dim, seed), unit_vectors(len(ids), dim, seed + 1)
-    return [
-        StoredItem(
-            id=item_id,
-            uri=f"file:///images/{item_id}.png",
-            caption=f"caption of {item_id}" if captioned else "",
-            metadata={"n": n, "seed": seed},
-            image_vector=images[n],
-            caption_vector=captions[n] if captioned else None,
-        )
-        for n, item_id in enumerate(ids)
-    ]
+    return stored_items(ids, seed, dim, captioned)
 
 
 # --- a read-only gallery shared by the search tests ---------------------------------------
@@ -179,69 +158,6 @@ def gallery(backend: Backend) -> Iterator[Gallery]:
 # --- collections --------------------------------------------------------------------------
 
 
-def test_create_list_describe_drop(store: MilvusStore, name: str) -> None:
-    assert store.create_collection(name, DIM, "model-a") is True
-    assert store.create_collection(name, DIM, "model-a", exist_ok=True) is False
-    with pytest.raises(AlreadyExists, match=name):
-        store.create_collection(name, DIM, "model-a")
-    with pytest.raises(ModelMismatch, match="model-a"):
-        store.create_collection(name, DIM, "model-b", exist_ok=True)
-    with pytest.raises(ModelMismatch):
-        store.create_collection(name, DIM * 2, "model-a", exist_ok=True)
-
-    listed = {info.name: info for info in store.list_collections()}
-    assert listed[name].dim == DIM and listed[name].model_id == "model-a"
-    assert listed[name].count == 0
-    assert not [n for n in listed if n.endswith(COMPANION_SUFFIX)]
-    info = store.describe(name)
-    assert (info.name, info.dim, info.model_id, info.count) == (name, DIM, "model-a", 0)
-
-    store.drop_collection(name)
-    assert name not in {info.name for info in store.list_collections()}
-    with pytest.raises(NotFound):
-        store.describe(name)
-    with pytest.raises(NotFound):
-        store.drop_collection(name)
-    assert store.create_collection(name, DIM, "model-b") is True  # the name is free again
-
-
-@pytest.mark.parametrize(
-    "bad", ["bad-name", "", "1starts_with_digit", "has space", "x" * 300, "c" + COMPANION_SUFFIX]
-)
-def test_invalid_collection_names_are_refused(store: MilvusStore, bad: str) -> None:
-    with pytest.raises(InvalidInput):
-        store.create_collection(bad, DIM, "m")
-    # reading: a malformed name is bad input, a companion's name just does not exist
-    with pytest.raises(NotFound if bad.endswith(COMPANION_SUFFIX) else InvalidInput):
-        store.count(bad)
-
-
-def test_invalid_dim_and_model_are_refused(store: MilvusStore, name: str) -> None:
-    with pytest.raises(InvalidInput, match="dimension"):
-        store.create_collection(name, 0, "m")
-    with pytest.raises(InvalidInput, match="model id"):
-        store.create_collection(name, DIM, "")
-
-
-def test_unknown_collection_is_not_found_everywhere(store: MilvusStore) -> None:
-    missing = "no_such_collection"
-    vector = unit_vectors(1, DIM, 0)[0]
-    calls = [
-        lambda: store.describe(missing),
-        lambda: store.drop_collection(missing),
-        lambda: store.upsert(missing, items(["a"], 0)),
-        lambda: store.get(missing, ["a"]),
-        lambda: store.existing_ids(missing, ["a"]),
-        lambda: store.delete(missing, ["a"]),
-        lambda: store.count(missing),
-        lambda: store.search(missing, vector, Target.IMAGE, 5),
-        lambda: store.search(missing + COMPANION_SUFFIX, vector, Target.IMAGE, 5),
-    ]
-    for call in calls:
-        with pytest.raises(NotFound, match="does not exist"):
-            call()
-
-
 def test_foreign_collections_are_left_alone(backend: Backend, store: MilvusStore) -> None:
     foreign = f"foreign_{uuid.uuid4().hex[:8]}"
     client = MilvusClient(backend.endpoint())  # on Lite, the same database as `store`
@@ -260,24 +176,6 @@ def test_foreign_collections_are_left_alone(backend: Backend, store: MilvusStore
 
 
 # --- writes and reads ---------------------------------------------------------------------
-
-
-def test_upsert_counts_exactly_and_reupsert_replaces(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    ids = [f"item-{i}" for i in range(50)]
-    store.upsert(name, items(ids, seed=1))
-    assert store.count(name) == 50
-    assert store.describe(name).count == 50
-
-    store.upsert(name, items(ids[:20], seed=2))  # same ids, new vectors and fields
-    assert store.count(name) == 50
-    got = store.get(name, ids[:20] + ids[45:], include_vectors=True)
-    assert [item.id for item in got] == ids[:20] + ids[45:]
-    assert all(item.metadata["seed"] == 2 for item in got[:20])
-    assert all(item.metadata["seed"] == 1 for item in got[20:])
-    np.testing.assert_array_equal(got[0].image_vector, unit_vectors(20, DIM, 2)[0])  # type: ignore[arg-type]
-    top = store.search(name, unit_vectors(20, DIM, 2)[7], Target.IMAGE, 1)
-    assert top[0].id == ids[7] and top[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_concurrent_upserts_count_exactly_with_every_caption_vector_in_place(
@@ -308,75 +206,6 @@ def test_concurrent_upserts_count_exactly_with_every_caption_vector_in_place(
         np.testing.assert_array_equal(item.caption_vector, expected[item.id].caption_vector)  # type: ignore[arg-type]
 
 
-def test_duplicate_ids_in_one_upsert_keep_the_last(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    first, second = items(["same"], seed=1)[0], items(["same"], seed=2)[0]
-    store.upsert(name, [first, second])
-    assert store.count(name) == 1
-    assert store.get(name, ["same"])[0].metadata["seed"] == 2
-
-
-def test_caption_removed_on_reupsert_leaves_caption_search(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    ids = ["a", "b", "c"]
-    captioned = items(ids, seed=3)
-    store.upsert(name, captioned)
-    query = captioned[1].caption_vector
-    assert query is not None
-    assert store.search(name, query, Target.CAPTION, 1)[0].id == "b"
-
-    store.upsert(name, items(["b"], seed=3, captioned=False))
-    assert "b" not in {hit.id for hit in store.search(name, query, Target.CAPTION, 10)}
-    assert {hit.id for hit in store.search(name, query, Target.CAPTION, 10)} == {"a", "c"}
-    (b,) = store.get(name, ["b"], include_vectors=True)
-    assert b.caption == "" and b.caption_vector is None and b.image_vector is not None
-    assert store.count(name) == 3
-
-
-def test_get_in_request_order_with_exact_vectors(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    written = {item.id: item for item in items([f"g{i}" for i in range(10)], seed=4)}
-    written["g9"] = items(["g9"], seed=5, captioned=False)[0]
-    store.upsert(name, list(written.values()))
-
-    request = ["g7", "missing", "g2", "g7", "g9"]
-    got = store.get(name, request, include_vectors=True)
-    assert [item.id for item in got] == ["g7", "g2", "g9"]
-    for item in got:
-        expected = written[item.id]
-        assert (item.uri, item.caption, item.metadata) == (
-            expected.uri,
-            expected.caption,
-            expected.metadata,
-        )
-        assert item.image_vector is not None and item.image_vector.dtype == np.float32
-        np.testing.assert_array_equal(item.image_vector, expected.image_vector)  # type: ignore[arg-type]
-        if expected.caption_vector is None:
-            assert item.caption_vector is None
-        else:
-            np.testing.assert_array_equal(item.caption_vector, expected.caption_vector)  # type: ignore[arg-type]
-    plain = store.get(name, ["g2"])
-    assert plain[0].image_vector is None and plain[0].caption_vector is None
-    assert store.get(name, []) == []
-
-
-def test_existing_ids_and_exact_delete_counts(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    store.upsert(name, items(["d1", "d2", "d3", "d4"], seed=6))
-    assert store.existing_ids(name, ["d1", "x", "d4", "d1"]) == {"d1", "d4"}
-    assert store.existing_ids(name, []) == set()
-
-    assert store.delete(name, ["d1", "d1", "nope", "d3"]) == 2
-    assert store.delete(name, ["d1", "nope"]) == 0
-    assert store.delete(name, []) == 0
-    assert store.count(name) == 2
-    assert store.existing_ids(name, ["d1", "d2", "d3", "d4"]) == {"d2", "d4"}
-    # deleted items are gone from caption search too
-    captions = [item.caption_vector for item in items(["d1", "d2", "d3", "d4"], seed=6)]
-    hits = store.search(name, captions[0], Target.CAPTION, 10)  # type: ignore[arg-type]
-    assert {hit.id for hit in hits} == {"d2", "d4"}
-
-
 def test_ids_with_quotes_backslashes_and_unicode(store: MilvusStore, name: str) -> None:
     store.create_collection(name, DIM, "m")
     odd = ["it's", 'say "hi"', "back\\slash", "日本語/é", "x]) or (true"]
@@ -387,80 +216,7 @@ def test_ids_with_quotes_backslashes_and_unicode(store: MilvusStore, name: str) 
     assert store.existing_ids(name, odd) == set(odd[2:])
 
 
-def test_bad_items_are_refused_before_anything_is_written(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    good = items(["ok"], seed=8)[0]
-    vector = unit_vectors(1, DIM, 8)[0]
-    bad_items = {
-        "no image vector": StoredItem("x", image_vector=None),
-        "dimension 7, expected 16": StoredItem("x", image_vector=vector[:7]),
-        "caption vector has dimension": StoredItem(
-            "x", image_vector=vector, caption_vector=np.ones(DIM + 1, np.float32)
-        ),
-        "zero vector": StoredItem("x", image_vector=np.zeros(DIM, np.float32)),
-        "NaN": StoredItem("x", image_vector=np.full(DIM, np.nan, np.float32)),
-        "control character": StoredItem("a\x00b", image_vector=vector),
-        "non-empty string": StoredItem("", image_vector=vector),
-        "not valid JSON": StoredItem("x", metadata={"when": object()}, image_vector=vector),
-        "bytes": StoredItem("x", uri="u" * 5000, image_vector=vector),
-    }
-    for message, bad in bad_items.items():
-        with pytest.raises(InvalidInput, match=message):
-            store.upsert(name, [good, bad])
-    assert store.count(name) == 0
-
-
-def test_unnormalized_vectors_are_stored_normalized(store: MilvusStore, name: str) -> None:
-    store.create_collection(name, DIM, "m")
-    vector = unit_vectors(1, DIM, 9)[0]
-    store.upsert(name, [StoredItem("big", image_vector=vector * 3.0)])
-    (item,) = store.get(name, ["big"], include_vectors=True)
-    np.testing.assert_allclose(item.image_vector, vector, atol=1e-6)  # type: ignore[arg-type]
-    hit = store.search(name, vector * 0.5, Target.IMAGE, 1)[0]
-    assert hit.score == pytest.approx(1.0, abs=1e-5)
-
-
 # --- search -------------------------------------------------------------------------------
-
-
-def test_search_ranks_nearest_first_with_numpy_cosines(gallery: Gallery) -> None:
-    query = unit_vectors(1, DIM, seed=99)[0]
-    hits = gallery.store.search(gallery.name, query, Target.IMAGE, 10)
-    assert [hit.id for hit in hits] == gallery.expected(query, Target.IMAGE)[:10]
-    expected_scores = [float(gallery.images[gallery.ids.index(hit.id)] @ query) for hit in hits]
-    np.testing.assert_allclose([hit.score for hit in hits], expected_scores, atol=1e-5)
-    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
-    first = gallery.ids.index(hits[0].id)
-    assert hits[0].uri == f"s3://bucket/{gallery.colours[first]}/{first}.jpg"
-    assert hits[0].metadata["rank"] == first
-
-
-def test_search_finds_an_item_by_its_own_vector(gallery: Gallery) -> None:
-    for i in (0, 57, 199):
-        hit = gallery.store.search(gallery.name, gallery.images[i], Target.IMAGE, 1)[0]
-        assert hit.id == gallery.ids[i] and hit.score == pytest.approx(1.0, abs=1e-5)
-
-
-def test_caption_search_sees_only_captioned_items(gallery: Gallery) -> None:
-    query = gallery.captions[42]
-    hits = gallery.store.search(gallery.name, query, Target.CAPTION, 20)
-    assert [hit.id for hit in hits] == gallery.expected(query, Target.CAPTION)[:20]
-    assert hits[0].id == "img-042" and hits[0].caption == "a red thing number 42"
-    assert all(int(hit.id[4:]) % 2 == 0 for hit in hits)
-
-
-def test_offset_pages_are_disjoint_and_ordered(gallery: Gallery) -> None:
-    query = unit_vectors(1, DIM, seed=98)[0]
-    pages = [
-        gallery.store.search(gallery.name, query, Target.IMAGE, 7, offset=offset)
-        for offset in (0, 7, 14)
-    ]
-    ids = [hit.id for page in pages for hit in page]
-    assert ids == gallery.expected(query, Target.IMAGE)[:21]
-    scores = [hit.score for page in pages for hit in page]
-    assert scores == sorted(scores, reverse=True)
-    last = gallery.store.search(gallery.name, query, Target.IMAGE, 50, offset=GALLERY_SIZE - 5)
-    assert len(last) == 5
 
 
 def test_filters_on_scalar_and_json_fields(gallery: Gallery) -> None:
@@ -531,32 +287,6 @@ def test_bad_filter_is_invalid_filter_with_explanation(gallery: Gallery, express
     assert expression in message and len(message) > len(expression) + 20
     with pytest.raises(InvalidFilter):
         gallery.store.count(gallery.name, expression)
-
-
-def test_wrong_query_dimension_says_expected_and_got(gallery: Gallery) -> None:
-    with pytest.raises(InvalidInput, match=f"dimension {DIM - 1}, expected {DIM}"):
-        gallery.store.search(gallery.name, np.ones(DIM - 1, np.float32), Target.IMAGE, 3)
-    with pytest.raises(InvalidInput, match="one vector"):
-        gallery.store.search(gallery.name, np.ones((2, DIM), np.float32), Target.IMAGE, 3)
-
-
-@pytest.mark.parametrize(
-    ("top_k", "offset", "params", "message"),
-    [
-        (0, 0, None, "top_k"),
-        (5, -1, None, "offset"),
-        (10_000, 10_000, None, "at most 16384"),
-        (5, 0, {"ef": -3}, "positive integer"),
-        (5, 0, {"ef": float("nan")}, "finite"),
-    ],
-)
-def test_bad_search_window_and_params(
-    gallery: Gallery, top_k: int, offset: int, params: dict[str, float] | None, message: str
-) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        gallery.store.search(
-            gallery.name, gallery.images[0], Target.IMAGE, top_k, offset=offset, params=params
-        )
 
 
 def test_search_params_are_accepted(gallery: Gallery) -> None:
