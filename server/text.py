@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 SUPPORTED_INPUTS = TEXT_INPUTS
 
 
+# Longer single texts are tokenized with `encode_batch`, which releases the GIL.
+SHORT_TEXT_CHARS = 1024
+
+
 @dataclass(frozen=True)
 class TokenizedText:
     ids: np.ndarray  # int64 [n]: (BOS) ... EOS, n <= context_length
@@ -75,7 +79,9 @@ class TextTokenizer:
 
         With `strict`, a text longer than the context raises InvalidInput naming it.
         """
-        if len(texts) == 1:  # a single query: skip the batch call's thread-pool dispatch
+        if len(texts) == 1 and len(texts[0]) <= SHORT_TEXT_CHARS:
+            # A short query: skip the batch call's thread-pool dispatch. `encode` holds the GIL
+            # while it runs (`encode_batch` releases it), so long texts take the batch call.
             encodings = [self._tokenizer.encode(texts[0], add_special_tokens=False)]
         else:
             encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)

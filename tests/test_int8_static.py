@@ -167,7 +167,7 @@ def exporter_projection(graph: Any) -> Any:
 def test_a_missed_invariance_bar_exits_non_zero_naming_the_shortfall(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from clipsearch.client.cli import main
+    from clipsearch.cli import main
 
     monkeypatch.setattr(exporter, "BATCH_INVARIANCE_MIN_COSINE", 1.01)
     monkeypatch.setitem(PARITY_BARS, "int8-static", 1.02)
@@ -224,7 +224,7 @@ def test_calibration_sets_from_a_directory_and_from_manifests(tmp_path: Path) ->
 def test_export_calibrates_on_a_user_directory(
     checkpoint: Path, bundle: Bundle, tmp_path: Path, capsys: Any
 ) -> None:
-    from clipsearch.client.cli import main
+    from clipsearch.cli import main
 
     user = tmp_path / "mine"
     generate_gallery(user, 12, seed=4, size=64)
