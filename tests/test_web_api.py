@@ -10,6 +10,7 @@ import http.server
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -330,12 +331,21 @@ def test_every_grpc_status_maps_through_the_one_table(monkeypatch: pytest.Monkey
 
 
 def test_a_server_that_is_down_too_slow_or_locked_maps_to_503_504_401(tmp_path: Path) -> None:
-    with ThreadedServer(
-        quick_settings(tmp_path / "t.db", auth_token="s3cret"), fake_components()
-    ) as locked:
+    # A listening socket that never answers: the call can only run out of time (with a locked
+    # server and a tiny deadline, which of auth and the deadline answers first is a race).
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    slow = f"127.0.0.1:{silent.getsockname()[1]}"
+    with (
+        silent,
+        ThreadedServer(
+            quick_settings(tmp_path / "t.db", auth_token="s3cret"), fake_components()
+        ) as locked,
+    ):
         cases = [
             (WebConfig(servers=("127.0.0.1:1",), timeout=5), (503, "UNAVAILABLE")),
-            (WebConfig(servers=(locked.address,), timeout=1e-6), (504, "DEADLINE_EXCEEDED")),
+            (WebConfig(servers=(slow,), timeout=0.5), (504, "DEADLINE_EXCEEDED")),
             (WebConfig(servers=(locked.address,)), (401, "UNAUTHENTICATED")),
             (WebConfig(servers=(locked.address,), token="wrong"), (401, "UNAUTHENTICATED")),
         ]
