@@ -487,6 +487,7 @@ class IngestSession:
                     settle(work, IngestStatus.FAILED, token)
             elif not work.settled:
                 texts.append((work, token))
+        decoded = [w for w in decoded if not w.settled]  # a bad caption fails its item
         vision = self.pipeline.vision_batcher
         text = self.pipeline.text_batcher
         pixels = [cast(np.ndarray, w.pixels) for w in decoded]

@@ -295,7 +295,6 @@ class EncodingPipeline:
         )
         return [result for part in done for result in part]
 
-
     async def preprocess_image(self, data: bytes) -> tuple[np.ndarray, int]:
         """Decode and resize one image in the pool; returns pixels and microseconds taken."""
         loop = asyncio.get_running_loop()

@@ -203,6 +203,18 @@ def check_item(item: StoredItem, dim: int) -> StoredItem:
     return check_vectors(item, dim)
 
 
+def check_items(items: Sequence[StoredItem], dim: int) -> list[StoredItem]:
+    """`check_item` of each item, the vectors checked at once; raises the first bad item's
+    InvalidInput."""
+    checked = []
+    for item, result in zip(items, check_vectors_each(items, dim), strict=True):
+        check_fields(item)
+        if isinstance(result, InvalidInput):
+            raise result
+        checked.append(result)
+    return checked
+
+
 def output_fields(requested: Sequence[str]) -> tuple[str, ...]:
     """The fields a search returns: `requested` checked and deduplicated, or all of them."""
     if isinstance(requested, str):
