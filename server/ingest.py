@@ -26,7 +26,7 @@ import enum
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar, cast
 
@@ -306,15 +306,17 @@ class IngestSession:
                 for _ in group:
                     slots.release()
 
+        async def take_items() -> None:
+            async for item in items:
+                await slots.acquire()
+                if draining.is_set():  # an item read as the drain began: never acked
+                    return
+                waiting.append((item, time.perf_counter()))
+                start_groups()
+
         async def read() -> None:
             try:
-                source = aiter(items)
-                while (item := await _next_unless(source, draining)) is not None:
-                    await slots.acquire()
-                    if draining.is_set():  # an item read as the drain began: never acked
-                        break
-                    waiting.append((item, time.perf_counter()))
-                    start_groups()
+                await _unless(take_items(), draining)
                 while tasks:  # a finishing group starts the next: wait until none is left
                     await asyncio.gather(*tasks)
                 if draining.is_set():
@@ -533,29 +535,28 @@ def _domain_error(exc: BaseException) -> ClipsearchError:
     return ClipsearchError("internal error; the server log has details")
 
 
-_END = object()
-
-
-async def _next_unless(source: AsyncIterator[IngestItem], stop: asyncio.Event) -> IngestItem | None:
-    """The next item of `source`; None at its end or once `stop` is set (then an item that
-    arrives meanwhile is left unread)."""
+async def _unless(work: Coroutine[object, object, None], stop: asyncio.Event) -> None:
+    """Run `work` to its end, or until `stop` is set: then it is cancelled (an item that
+    arrives meanwhile is left unread) and an error it raised is dropped (the stream ends
+    with the drain's error instead). Racing the stream's end once, not every read, keeps
+    the tasks and wake-ups of a race off the per-item path."""
     if stop.is_set():
-        return None
-    reading: asyncio.Future[object] = asyncio.ensure_future(anext(source, _END))
-    stopping: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+        work.close()
+        return
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        if not reading.done():
-            reading.cancel()
-    if not reading.done() or reading.cancelled():
-        return None
-    if stop.is_set():
-        reading.exception()  # retrieved: the stream ends with the drain's error instead
-        return None
-    item = reading.result()
-    return None if item is _END else cast(IngestItem, item)
+        if not task.done():
+            task.cancel()
+    await asyncio.wait({task})
+    if task.cancelled() or stop.is_set():
+        if not task.cancelled():
+            task.exception()  # retrieved: the drain's error is the one to report
+        return
+    task.result()
 
 
 async def _patiently(submit: Callable[[], Awaitable[T]]) -> T:
