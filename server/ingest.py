@@ -260,7 +260,10 @@ class IngestSession:
         self.collection = options.collection
         self.skip_existing = options.skip_existing
         self.window = window
-        self.group_size = pipeline.vision_batcher.max_batch_size
+        # A group goes to a tower in one submit, which must fit its queue.
+        self.group_size = max(
+            1, min(min(b.max_batch_size, b.max_queue) for b in pipeline.batchers.values())
+        )
         self.counts = IngestCounts()
 
     async def run(self, items: AsyncIterator[IngestItem]) -> AsyncIterator[ItemOutcome]:
