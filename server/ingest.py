@@ -1,13 +1,14 @@
 """Streaming ingest: items in, one outcome per item once it is written.
 
 Each stream reads at most `ingest_window` items ahead of its outcomes, so a fast producer
-is held back by gRPC flow control rather than by server memory. Items are processed
-concurrently: checked against the store's rules (`store.validation`, in bytes) on arrival,
-image decode in the preprocess pool, both towers through their batchers at bulk priority,
-the vectors checked, then a group commit per collection, shared by all streams, writes
-them to the store. Only valid items join a shared commit, so one stream's bad item never
-fails another's. An item is OK only after its upsert returned; a bad item is FAILED with
-the reason and the stream goes on.
+is held back by gRPC flow control rather than by server memory. A stream's items are
+processed in groups (`IngestSession`): checked against the store's rules
+(`store.validation`, in bytes), images decoded in the preprocess pool, both towers through
+their batchers at bulk priority, the vectors checked, then a group commit per collection,
+shared by all streams, writes them to the store. Every stage keeps one outcome per item:
+only valid items join a shared commit, so one stream's bad item never fails another's. An
+item is OK only after its own upsert returned; a bad item is FAILED with the reason and
+the stream goes on.
 
 FAILED means "not written". An item whose write may or may not have happened, or could not
 happen for a reason of the store's (unreachable after `store_retry_s` of retries, a write
