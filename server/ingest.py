@@ -16,6 +16,10 @@ or RESOURCE_EXHAUSTED for a full disk) and the client's resume sends it again (a
 id is idempotent). While the server drains (SIGTERM), streams take no new items: each
 finishes what it holds, then ends UNAVAILABLE.
 
+Items may carry vectors computed elsewhere (with the model the stream's options name, which
+the service has checked against the collection's): those skip decoding and the towers, only
+a caption that came without its vector is encoded (`IngestSession._carried`).
+
 Transport-free: the service turns requests into `IngestItem`s and `ItemOutcome`s into acks.
 """
 
@@ -45,6 +49,7 @@ from clipsearch.server.errors import (
 from clipsearch.server.group_commit import CommitTiming, GroupCommit
 from clipsearch.server.pipeline import EncodingPipeline, StageTiming
 from clipsearch.server.store import StoredItem, validation
+from clipsearch.server.vectors import from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ def ends_the_stream(error: ClipsearchError) -> bool:
 class IngestOptions:
     collection: str
     skip_existing: bool = False
+    vectors_model_id: str = ""  # the model of the vectors items carry (checked by the service)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,12 @@ class IngestItem:
     uri: str = ""
     caption: str = ""
     metadata_json: str = ""
+    image_vector: bytes = b""  # little-endian float32, computed elsewhere: not encoded
+    caption_vector: bytes = b""
+
+    @property
+    def carries_vectors(self) -> bool:
+        return bool(self.image_vector or self.caption_vector)
 
 
 class IngestStatus(enum.Enum):
@@ -121,8 +133,10 @@ def content_id(image: bytes) -> str:
 
 def checked_fields(item: IngestItem) -> StoredItem:
     """The item's stored fields, checked by the store's rules; vectors come later."""
-    if not item.image:
-        raise InvalidInput("the item has no image bytes")
+    if not item.image and not item.image_vector:
+        raise InvalidInput("the item has neither image bytes nor an image vector")
+    if item.image_vector and not item.id:
+        raise InvalidInput("an item carrying its image vector needs an id")
     item_id = item.id or content_id(item.image)
     validation.check_id(item_id)
     fields = StoredItem(
@@ -220,6 +234,7 @@ class IngestSession:
         self.writers = writers
         self.collection = options.collection
         self.skip_existing = options.skip_existing
+        self.vectors_model_id = options.vectors_model_id
         self.window = window
         self.counts = IngestCounts()
 
@@ -325,7 +340,8 @@ class IngestSession:
                 store_us += check_us
                 if item_id in existing:
                     return outcome(IngestStatus.SKIPPED)
-            image_vector, caption_vector, preprocess_us, stage, truncated = await self._encode(item)
+            vectors = self._carried(item) if item.carries_vectors else self._encode(item)
+            image_vector, caption_vector, preprocess_us, stage, truncated = await vectors
             stored = validation.check_vectors(
                 replace(fields, image_vector=image_vector, caption_vector=caption_vector),
                 self.pipeline.dim,
@@ -360,6 +376,39 @@ class IngestSession:
             return encoded[0].vectors[0], None, preprocess_us, timing, False
         image, caption = encoded
         return image.vectors[0], caption.vectors[0], preprocess_us, timing, caption.truncated[0]
+
+    async def _carried(
+        self, item: IngestItem
+    ) -> tuple[np.ndarray, np.ndarray | None, int, StageTiming, bool]:
+        """`_encode` for an item carrying vectors: those are parsed, never encoded; a caption
+        without its vector is encoded, as is the image of an item carrying only its caption
+        vector."""
+        if not self.vectors_model_id:
+            raise InvalidInput(
+                f"item {item.id!r} carries vectors but the stream's options name no "
+                "vectors_model_id (the model that computed them)"
+            )
+        if item.caption_vector and not item.caption:
+            raise InvalidInput(f"item {item.id!r} has a caption vector but no caption")
+        dim = self.pipeline.dim
+        image = caption = None
+        if item.image_vector:
+            image = from_bytes(item.image_vector, dim, f"item {item.id!r}: image vector")
+        if item.caption_vector:
+            caption = from_bytes(item.caption_vector, dim, f"item {item.id!r}: caption vector")
+        preprocess_us, timing, truncated = 0, StageTiming(), False
+        if image is None:
+            pixels, preprocess_us = await self.pipeline.preprocess_image(item.image)
+            pictured = await _patiently(
+                lambda: self.pipeline.encode_pixels([pixels], Priority.BULK)
+            )
+            image, timing = pictured.vectors[0], pictured.timing
+        elif item.caption and caption is None:
+            texted = await _patiently(
+                lambda: self.pipeline.encode_texts([item.caption], Priority.BULK)
+            )
+            caption, timing, truncated = texted.vectors[0], texted.timing, texted.truncated[0]
+        return image, caption, preprocess_us, timing, truncated
 
 
 _END = object()

@@ -26,7 +26,7 @@ from grpc import aio
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.batcher import MicroBatcher, Priority
 from clipsearch.server.catalog import Catalog, ModelRef
-from clipsearch.server.errors import InvalidInput, NotFound, Unavailable
+from clipsearch.server.errors import InvalidInput, ModelMismatch, NotFound, Unavailable
 from clipsearch.server.ingest import (
     CollectionWriters,
     IngestItem,
@@ -207,6 +207,8 @@ def ingest_item(request: pb.IngestRequest) -> IngestItem:
         uri=item.uri,
         caption=item.caption,
         metadata_json=item.metadata_json,
+        image_vector=item.image_vector.data,
+        caption_vector=item.caption_vector.data,
     )
 
 
@@ -417,6 +419,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         options = IngestOptions(
             collection=self._collection(first.options.collection),
             skip_existing=first.options.skip_existing,
+            vectors_model_id=first.options.vectors_model_id,
         )
         asked = rt.model(first.options.model).ref if first.options.model else None
         try:
@@ -426,6 +429,12 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
                 raise
             await rt.catalog.create(options.collection, True, asked or rt.default.ref)
             ref, _ = await rt.catalog.guarded(options.collection, asked)
+        if options.vectors_model_id and options.vectors_model_id != ref.model_id:
+            raise ModelMismatch(
+                f"the items' vectors were computed with model_id {options.vectors_model_id}; "
+                f"collection {options.collection!r} was built with model {ref}: ingest them "
+                "into a collection of their model, or re-encode them"
+            )
         session = IngestSession(
             rt.served(ref).pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
         )
