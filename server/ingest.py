@@ -134,7 +134,7 @@ def content_id(image: bytes) -> str:
 def checked_fields(item: IngestItem) -> StoredItem:
     """The item's stored fields, checked by the store's rules; vectors come later."""
     if not item.image and not item.image_vector:
-        raise InvalidInput("the item has neither image bytes nor an image vector")
+        raise InvalidInput("the item has no image bytes and no image vector")
     if item.image_vector and not item.id:
         raise InvalidInput("an item carrying its image vector needs an id")
     item_id = item.id or content_id(item.image)

@@ -410,3 +410,30 @@ def test_clipsearch_ingest_parquet_end_to_end(
     assert main(["ingest", str(bare), "--quiet", *at, "--vectors-model-id", "elsewhere"]) != 0
     err = capsys.readouterr().err
     assert "FAILED_PRECONDITION" in err and "elsewhere" in err
+
+
+def test_bulk_reads_parquet_with_the_same_reader_and_leaves_vector_rows_to_ingest(
+    tmp_path: Path,
+) -> None:
+    from clipsearch.bulk.sources import work_rows
+
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    rows = [
+        {"id": "a", "path": "a.jpg", "caption": "one", "metadata": '{"k": 1}', "extra": 5,
+         "image_vector": None},
+        {"id": "v", "path": None, "caption": None, "metadata": None, "extra": 6,
+         "image_vector": unit(1).tolist()},
+        {"id": "b", "path": None, "caption": None, "metadata": "{no", "extra": 7,
+         "image_vector": None},
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    got = list(work_rows(tmp_path / "mixed.parquet"))
+    where = f"{tmp_path / 'mixed.parquet'}"
+    assert [(r["label"], r["error"]) for r in got] == [
+        ("a", ""),
+        (f"{where}:2", "the row carries its image vector: `clipsearch ingest` it"),
+        (f"{where}:3", "metadata is not valid JSON: Expecting property name enclosed in double "
+                       "quotes"),
+    ]  # fmt: skip
+    assert got[0]["path"] == str((tmp_path / "a.jpg").resolve())
+    assert json.loads(got[0]["metadata"]) == {"k": 1, "extra": 5}
