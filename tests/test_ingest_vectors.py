@@ -28,7 +28,7 @@ from clipsearch.client import AsyncClient, Client, IngestItem
 from clipsearch.client.errors import FailedPrecondition
 from clipsearch.client.parquet import MODEL_ID_KEY, parquet_items
 from clipsearch.client.sources import RowError, open_source
-from clipsearch.server.app import Components
+from clipsearch.server.app import Components, fake_components
 from clipsearch.server.bundle import load_bundle
 from clipsearch.server.fake import FakeBackend
 from clipsearch.server.settings import Settings
@@ -241,14 +241,57 @@ def test_vectors_need_the_stream_to_name_their_model(stub: Any) -> None:
     assert "vectors_model_id" in acks["vector"].error
 
 
-def test_vectors_of_another_model_are_refused_before_any_item(stub: Any) -> None:
-    requests = [options("other", model_id="someone-elses-model"), item(0, id="v", image=jpeg(0))]
+def refused(stub: Any, requests: list[pb.IngestRequest]) -> str:
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Ingest(iter(requests), timeout=30))
     error: Any = info.value
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "someone-elses-model" in error.details() and MODEL_ID in error.details()
-    assert stub.Count(pb.CountRequest(collection="other"), timeout=5).count == 0
+    details: str = error.details()
+    return details
+
+
+def test_vectors_of_another_model_are_refused_before_any_item(stub: Any) -> None:
+    other = options("other", model_id="someone-elses-model")
+    details = refused(stub, [other, item(0, id="v", image_vector=wire(unit(0)))])
+    assert "someone-elses-model" in details and MODEL_ID in details
+    with pytest.raises(grpc.RpcError) as info:  # not created for nothing
+        stub.Count(pb.CountRequest(collection="other"), timeout=5)
+    missing: Any = info.value
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+    existing = [options("existing"), item(0, id="i", image=jpeg(0))]
+    assert [a.status for a in stub.Ingest(iter(existing), timeout=30)] == [pb.INGEST_STATUS_OK]
+    details = refused(stub, [options("existing", model_id="nope"), item(1, id="j", image=jpeg(1))])
+    assert "nope" in details and MODEL_ID in details
+    assert stub.Count(pb.CountRequest(collection="existing"), timeout=5).count == 1
+
+
+def test_a_collection_created_for_vectors_takes_the_served_model_that_made_them(
+    tmp_path: Path,
+) -> None:
+    zh = load_bundle(served_model().parent / "demo-zh").manifest
+    settings = quick_settings(
+        tmp_path / "unused.db",
+        models=f"demo={served_model()},zh={served_model().parent / 'demo-zh'}",
+    )
+    with (
+        ThreadedServer(settings, fake_components()) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.ClipSearchStub(channel)
+        requests = [options("for_zh", model_id=zh.model_id)]
+        requests += [item(i, id=f"z{i}", image_vector=wire(unit(i, zh.dim))) for i in range(3)]
+        acks = list(stub.Ingest(iter(requests), timeout=30))
+        assert [a.status for a in acks] == [pb.INGEST_STATUS_OK] * 3
+        (listed,) = [
+            c
+            for c in stub.ListCollections(pb.ListCollectionsRequest(), timeout=5).collections
+            if c.name == "for_zh"
+        ]
+        assert (listed.model_id, listed.count) == (zh.model_id, 3)
+        # The default model's vectors into it: refused, naming both.
+        details = refused(stub, [options("for_zh"), item(9, id="d", image_vector=wire(unit(9)))])
+        assert MODEL_ID in details and zh.model_id in details
 
 
 # --- the client API and the Parquet command line, on ONNX Runtime and Milvus Lite ------------
