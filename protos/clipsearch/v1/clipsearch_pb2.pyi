@@ -705,8 +705,9 @@ class IngestOptions(_message.Message):
     vectors_model_id: _builtins.str
     """The model id (InfoResponse.model_id) of the vectors that items carry, stated once by
     their producer. It must be the collection's model id, else the stream ends
-    FAILED_PRECONDITION naming both before any item is read. Items carrying vectors in a
-    stream that states none fail INVALID_ARGUMENT.
+    FAILED_PRECONDITION naming both before any item is read (and creates nothing); a
+    collection created here without `model` is built with the served model of this id.
+    Items carrying vectors in a stream that states none fail INVALID_ARGUMENT.
     """
     def __init__(
         self,
