@@ -480,3 +480,21 @@ def test_bulk_reads_parquet_with_the_same_reader_and_leaves_vector_rows_to_inges
     ]  # fmt: skip
     assert got[0]["path"] == str((tmp_path / "a.jpg").resolve())
     assert json.loads(got[0]["metadata"]) == {"k": 1, "extra": 5}
+
+
+def test_fixed_size_and_float64_vector_columns_read_the_same(tmp_path: Path) -> None:
+    vectors = np.stack([unit(i) for i in range(5)])
+    table = pa.table(
+        {
+            "id": [f"f{i}" for i in range(5)],
+            "image_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
+            "caption_vector": pa.array([None, None, None, unit(9).astype(np.float64), None]),
+            "caption": [None, None, None, "nine", None],
+        }
+    )
+    pq.write_table(table, tmp_path / "fixed.parquet")
+    got = list(parquet_items(tmp_path / "fixed.parquet"))
+    for i, item_ in enumerate(got):
+        np.testing.assert_array_equal(item_.image_vector, vectors[i])
+    np.testing.assert_array_equal(got[3].caption_vector, unit(9))
+    assert [g.caption_vector is None for g in got] == [True, True, True, False, True]
