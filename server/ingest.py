@@ -17,6 +17,10 @@ or RESOURCE_EXHAUSTED for a full disk) and the client's resume sends it again (a
 id is idempotent). While the server drains (SIGTERM), streams take no new items: each
 finishes what it holds, then ends UNAVAILABLE.
 
+Items may carry vectors computed elsewhere (with the model the stream's options name, which
+the service has checked against the collection's): those skip decoding and the towers, only
+a caption that came without its vector is encoded (`IngestSession._take_carried`).
+
 Transport-free: the service turns requests into `IngestItem`s and `ItemOutcome`s into acks.
 """
 
@@ -47,6 +51,7 @@ from clipsearch.server.group_commit import CommitTiming, GroupCommit
 from clipsearch.server.pipeline import EncodingPipeline, StageTiming
 from clipsearch.server.store import StoredItem, validation
 from clipsearch.server.text import TokenizedText
+from clipsearch.server.vectors import from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ def ends_the_stream(error: ClipsearchError) -> bool:
 class IngestOptions:
     collection: str
     skip_existing: bool = False
+    vectors_model_id: str = ""  # the model of the vectors items carry (checked by the service)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,12 @@ class IngestItem:
     uri: str = ""
     caption: str = ""
     metadata_json: str = ""
+    image_vector: bytes = b""  # little-endian float32, computed elsewhere: not encoded
+    caption_vector: bytes = b""
+
+    @property
+    def carries_vectors(self) -> bool:
+        return bool(self.image_vector or self.caption_vector)
 
 
 class IngestStatus(enum.Enum):
@@ -124,8 +136,10 @@ def content_id(image: bytes) -> str:
 
 def checked_fields(item: IngestItem) -> StoredItem:
     """The item's stored fields, checked by the store's rules; vectors come later."""
-    if not item.image:
-        raise InvalidInput("the item has no image bytes")
+    if not item.image and not item.image_vector:
+        raise InvalidInput("the item has no image bytes and no image vector")
+    if item.image_vector and not item.id:
+        raise InvalidInput("an item carrying its image vector needs an id")
     item_id = item.id or content_id(item.image)
     validation.check_id(item_id)
     fields = StoredItem(
@@ -260,6 +274,7 @@ class IngestSession:
         self.writers = writers
         self.collection = options.collection
         self.skip_existing = options.skip_existing
+        self.vectors_model_id = options.vectors_model_id
         self.window = window
         # A group goes to a tower in one submit, which must fit its queue.
         self.group_size = max(
@@ -381,6 +396,7 @@ class IngestSession:
                 try:
                     work.fields = checked_fields(work.item)
                     work.id = work.fields.id
+                    self._take_carried(work)
                 except ClipsearchError as exc:
                     settle(work, IngestStatus.FAILED, exc)
             if self.skip_existing and live():
@@ -473,14 +489,15 @@ class IngestSession:
         """Both towers' vectors of `works`, at bulk priority: images decoded in a few pool
         calls, captions tokenized in one, then each tower's items submitted at once (one
         batch when the tower is free). An item whose image, caption or batch failed is
-        settled with that error."""
-        captioned = [w for w in works if w.item.caption]
+        settled with that error. Vectors an item carried are not encoded again."""
+        pictured = [w for w in works if w.image_vector is None]
+        captioned = [w for w in works if w.item.caption and w.caption_vector is None]
         images, (tokens, tokenize_us) = await asyncio.gather(
-            self.pipeline.preprocess_images_each([w.item.image for w in works]),
+            self.pipeline.preprocess_images_each([w.item.image for w in pictured]),
             self.pipeline.tokenize_each([w.item.caption for w in captioned]),
         )
         decoded: list[_Work] = []
-        for work, image in zip(works, images, strict=True):
+        for work, image in zip(pictured, images, strict=True):
             if isinstance(image, ClipsearchError):
                 settle(work, IngestStatus.FAILED, image)
             else:
@@ -518,6 +535,30 @@ class IngestSession:
                 work.stage = work.stage.combine(
                     replace(_stage(result.timing), preprocess_us=tokenize_us)
                 )
+
+    def _take_carried(self, work: _Work) -> None:
+        """The vectors `work`'s item carries, parsed (never encoded); what it lacks (the image
+        of an item carrying only its caption vector, a caption without its vector) is left
+        for `_encode_group`."""
+        item = work.item
+        if not item.carries_vectors:
+            return
+        if not self.vectors_model_id:
+            raise InvalidInput(
+                f"item {item.id!r} carries vectors but the stream's options name no "
+                "vectors_model_id (the model that computed them)"
+            )
+        if item.caption_vector and not item.caption:
+            raise InvalidInput(f"item {item.id!r} has a caption vector but no caption")
+        dim = self.pipeline.dim
+        if item.image_vector:
+            work.image_vector = from_bytes(
+                item.image_vector, dim, f"item {item.id!r}: image vector"
+            )
+        if item.caption_vector:
+            work.caption_vector = from_bytes(
+                item.caption_vector, dim, f"item {item.id!r}: caption vector"
+            )
 
 
 class _Settle(Protocol):
