@@ -285,6 +285,8 @@ class EncodingPipeline:
                 done.append((pixels, int((time.perf_counter() - started) * 1e6)))
             return done
 
+        if not images:
+            return []
         parts = max(1, min(self.preprocess_threads, len(images) // PREPROCESS_CHUNK))
         size = -(-len(images) // parts)
         chunks = [images[i : i + size] for i in range(0, len(images), size)]
