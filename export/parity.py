@@ -121,7 +121,8 @@ def torch_reference(family: FamilyModel, images: Sequence[ParityImage]) -> Refer
     tokens = family.tokenize(list(PARITY_TEXTS))
     pixels = family.preprocess([Image.open(io.BytesIO(image.data)) for image in images])
     with torch.no_grad():
-        text = family.text_tower(*[tokens[name] for name in family.text_spec.inputs])
+        text_tower = family.text_tower if family.text_reference is None else family.text_reference
+        text = text_tower(*[tokens[name] for name in family.text_spec.inputs])
         image = family.vision_tower(pixels)
     return Reference(text=text.numpy(), image=image.numpy())
 
