@@ -309,7 +309,12 @@ def _check_variant(
 
     text_file, vision_file = variant_files(precision)
     towers = OnnxTowers.load(
-        out / text_file, out / vision_file, out / TOKENIZER_FILE, text_spec, vision_spec
+        out / text_file,
+        out / vision_file,
+        out / TOKENIZER_FILE,
+        text_spec,
+        vision_spec,
+        precision=precision,
     )
     pixels = towers.preprocess(images)
     text_parity = compare(reference.text, towers.encode_texts(PARITY_TEXTS))

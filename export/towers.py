@@ -36,7 +36,7 @@ def export_text_tower(
     """
     inputs = tuple(t.to(torch.int64) for t in examples)
     if max_sequence is not None:
-        _export_dynamo(tower, inputs, path, opset, names, max_sequence)
+        _export_dynamo(tower, inputs, path, opset, names=names, max_sequence=max_sequence)
         return path
     _export(
         tower,
@@ -54,6 +54,7 @@ def _export_dynamo(
     examples: tuple[torch.Tensor, ...],
     path: Path,
     opset: int,
+    *,
     names: Sequence[str],
     max_sequence: int,
 ) -> None:

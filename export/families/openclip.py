@@ -54,7 +54,8 @@ def load(directory: str | Path) -> FamilyModel:
         )
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, KeyError, TypeError, OSError, AssertionError) as exc:
-        raise ExportError(f"OpenCLIP could not load {root}: {exc}") from exc
+        detail = str(exc) if len(str(exc)) <= 500 else str(exc)[:500] + " ..."
+        raise ExportError(f"OpenCLIP could not load {root}: {detail}") from exc
     model.eval()
     if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
         raise ExportError(
@@ -169,15 +170,14 @@ def _text_tower(model: Any) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor) -> Any:
             m = self.model
             n = input_ids.shape[1]
             x = m.token_embedding(input_ids) + m.positional_embedding[:n]
             x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
             x = text_global_pool(x, input_ids, m.text_pool_type, eos_token_id=m.text_eos_id)
             if isinstance(m.text_projection, torch.nn.Linear):
-                out: torch.Tensor = m.text_projection(x)
-                return out
+                return m.text_projection(x)
             return x if m.text_projection is None else x @ m.text_projection
 
     tower = _TextTower()
