@@ -289,7 +289,7 @@ def ftfy_charsmap() -> bytes:
         escape_whitespaces=False,
         remove_extra_whitespaces=False,
     )
-    spec = spm_pb2.NormalizerSpec()
+    spec: Any = spm_pb2.NormalizerSpec()  # type: ignore[attr-defined]  # generated, untyped
     spec.ParseFromString(normalizer.serialized_normalizer_spec())
     charsmap: bytes = spec.precompiled_charsmap
     return charsmap
