@@ -73,16 +73,20 @@ def chinese_clip_checkpoint(factory: pytest.TempPathFactory) -> Path:
     return result
 
 
-def exported(factory: pytest.TempPathFactory, key: str, checkpoint: Path, **kwargs: Any) -> Path:
-    """The checkpoint exported as fp32, int8 and fp16 (the exporter has checked parity)."""
+def exported(
+    factory: pytest.TempPathFactory,
+    key: str,
+    checkpoint: Path,
+    precisions: tuple[str, ...] = ("fp32", "int8", "fp16"),
+    **kwargs: Any,
+) -> Path:
+    """The checkpoint exported as `precisions` (the exporter has checked parity)."""
 
     def build(root: Path) -> Path:
         from clipsearch.export.exporter import export_bundle
 
         out = root / "bundle"
-        export_bundle(
-            checkpoint, out, precisions=("fp32", "int8", "fp16"), progress=lambda _: None, **kwargs
-        )
+        export_bundle(checkpoint, out, precisions=precisions, progress=lambda _: None, **kwargs)
         return out
 
     result: Path = _once("bundle-" + key, factory, build)

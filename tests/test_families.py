@@ -310,7 +310,8 @@ def test_a_sentence_transformers_model_alone_is_refused_with_the_pairing_hint(
 @pytest.fixture(scope="session")
 def openclip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bundle]:
     checkpoint = family_fixtures.openclip_checkpoint(tmp_path_factory)
-    bundle = family_fixtures.exported(tmp_path_factory, "openclip", checkpoint)
+    precisions = ("fp32", "int8", "int8-static", "fp16")
+    bundle = family_fixtures.exported(tmp_path_factory, "openclip", checkpoint, precisions)
     return checkpoint, load_bundle(bundle)
 
 
@@ -340,6 +341,7 @@ def test_openclip_manifest_follows_its_preprocessing(openclip: tuple[Path, Bundl
     text = manifest.text
     assert (text.bos_id, text.eos_id, text.pad_id) == (49406, 49407, 0)
     assert (text.context_length, text.padding, text.inputs) == (77, "longest", ("input_ids",))
+    assert set(manifest.variants) == {"fp32", "int8", "int8-static", "fp16"}
     assert_parity_recorded(bundle)
 
 
@@ -455,7 +457,9 @@ def test_openclip_crop_rounds_offsets_as_torchvision() -> None:
     assert np.abs(floor - theirs).max() > 0.1
 
 
-@pytest.mark.parametrize(("precision", "bar"), [("fp32", 0.9999), ("int8", 0.99)])
+@pytest.mark.parametrize(
+    ("precision", "bar"), [("fp32", 0.9999), ("int8", 0.99), ("int8-static", 0.99)]
+)
 def test_openclip_served_vectors_equal_open_clip(
     openclip: tuple[Path, Bundle], precision: str, bar: float
 ) -> None:
