@@ -481,18 +481,35 @@ def test_openclip_served_vectors_equal_open_clip(
     assert cosines(encoder.encode_images(pre), image).min() >= bar
 
 
-def test_openclip_text_tower_keeps_full_padding_where_pads_are_seen() -> None:
+def test_openclip_text_tower_without_causal_mask_keeps_the_full_context(tmp_path: Path) -> None:
+    """Pads are attended to without the causal mask: the server must pad to 77, as OpenCLIP."""
+    import json
+
     import open_clip
+    from safetensors.torch import save_file
 
-    from clipsearch.export.families.openclip import text_part
+    from clipsearch.export.exporter import export_bundle
 
-    cfg = family_fixtures.OPENCLIP_CFG["model_cfg"]
-    tokenizer = open_clip.SimpleTokenizer()
-    causal = open_clip.CLIP(**cfg)  # type: ignore[arg-type]
-    assert text_part(causal, tokenizer)[0].padding == "longest"
-    text_cfg = {**cfg["text_cfg"], "no_causal_mask": True}  # type: ignore[dict-item]
-    bidirectional = open_clip.CLIP(**{**cfg, "text_cfg": text_cfg})  # type: ignore[arg-type]
-    assert text_part(bidirectional, tokenizer)[0].padding == "max_length"
+    cfg = json.loads(json.dumps(family_fixtures.OPENCLIP_CFG))
+    cfg["model_cfg"]["text_cfg"]["no_causal_mask"] = True
+    checkpoint = tmp_path / "bidirectional"
+    checkpoint.mkdir()
+    (checkpoint / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(1)
+    save_file(
+        open_clip.CLIP(**cfg["model_cfg"]).state_dict(),
+        checkpoint / "open_clip_model.safetensors",
+    )
+    export_bundle(checkpoint, tmp_path / "out", precisions=("fp32",), progress=lambda _: None)
+    bundle = load_bundle(tmp_path / "out")
+    assert bundle.manifest.text.padding == "max_length"
+    assert_parity_recorded(bundle)
+    name = f"local-dir:{checkpoint}"
+    model = open_clip.create_model(name).eval()
+    texts = ["a photo of a cat", "x", "红色的圆形"]
+    with torch.no_grad():
+        expected = model.encode_text(open_clip.get_tokenizer(name)(texts)).numpy()
+    assert cosines(served(bundle).encode_text(texts), expected).min() >= 0.9999
 
 
 def test_an_unsupported_openclip_model_names_what_differs(

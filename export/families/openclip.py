@@ -75,7 +75,8 @@ def load(directory: str | Path) -> FamilyModel:
         tokenize=_tokenize(tokenizer, trim=spec.padding == "longest"),
         preprocess=_preprocess(preprocess),
         text_reference=Tower.make(model, ("input_ids",), _encode_text_padded),
-        text_export_dynamo=True,
+        # The trace fixes nn.MultiheadAttention's sequence length: fine at the full context.
+        text_export_dynamo=spec.padding == "longest",
     )
 
 
