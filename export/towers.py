@@ -61,10 +61,14 @@ def _export_dynamo(
     module.eval()
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", min=2, max=max_sequence)
-    converter = logging.getLogger("onnxscript.version_converter")
-    level = converter.level
-    # It announces that the onnx C API converts to `opset`, which is what is asked.
-    converter.setLevel(logging.ERROR)
+    # Both announce, as warnings, the conversion to `opset`, which is what is asked.
+    loggers = [
+        logging.getLogger(name)
+        for name in ("onnxscript.version_converter", "torch.onnx._internal.exporter._compat")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -84,7 +88,8 @@ def _export_dynamo(
             program.save(str(path))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        converter.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_vision_tower(tower: Any, path: Path, opset: int, image_size: int) -> Path:
