@@ -512,6 +512,70 @@ def test_openclip_text_tower_without_causal_mask_keeps_the_full_context(tmp_path
     assert cosines(served(bundle).encode_text(texts), expected).min() >= 0.9999
 
 
+def test_an_openclip_hub_name_is_downloaded_then_exported(
+    openclip: tuple[Path, Bundle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hf-hub:ORG/REPO` fetches the config and one weight file (safetensors, else the .bin)."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import load_file
+
+    from clipsearch.export.exporter import export_bundle
+
+    checkpoint, _ = openclip
+    hub = tmp_path / "hub"  # the repository: the config and only the pickled weights
+    hub.mkdir()
+    shutil.copy(checkpoint / "open_clip_config.json", hub)
+    torch.save(
+        load_file(checkpoint / "open_clip_model.safetensors"), hub / "open_clip_pytorch_model.bin"
+    )
+    snapshot = tmp_path / "cache" / "snapshot"
+    asked: list[tuple[str, str, Any]] = []
+
+    def hf_hub_download(repo: str, filename: str, revision: Any) -> str:
+        asked.append((repo, filename, revision))
+        if not (hub / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo}")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(hub / filename, snapshot))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    out = tmp_path / "bundle"
+    export_bundle("hf-hub:laion/tiny", out, precisions=("fp32",), progress=lambda _: None)
+    assert asked == [
+        ("laion/tiny", "open_clip_config.json", None),
+        ("laion/tiny", "open_clip_model.safetensors", None),
+        ("laion/tiny", "open_clip_pytorch_model.bin", None),
+    ]
+    manifest = load_bundle(out).manifest
+    assert (manifest.family, manifest.name, manifest.source) == (
+        "openclip",
+        "tiny",
+        "hf-hub:laion/tiny",
+    )
+    assert_parity_recorded(load_bundle(out))
+
+
+def test_an_unreachable_openclip_hub_name_is_an_export_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from clipsearch.export.exporter import ExportError, export_bundle
+
+    def offline(repo: str, filename: str, revision: Any) -> str:
+        raise OSError("no connection to huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(
+        ExportError,
+        match=r"cannot download the OpenCLIP checkpoint hf-hub:laion/x: no connection",
+    ):
+        export_bundle("hf-hub:laion/x", tmp_path / "out", precisions=("fp32",), progress=print)
+
+
 def test_an_unsupported_openclip_model_names_what_differs(
     openclip: tuple[Path, Bundle], tmp_path: Path
 ) -> None:

@@ -26,6 +26,10 @@ from clipsearch.server.bundle import TextSpec, VisionSpec
 
 FAMILY = "openclip"
 CONFIG_FILE = "open_clip_config.json"
+# What `download` fetches besides the config, in order of preference (the LAION repositories
+# hold both; one is enough).
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HUB_PREFIX = "hf-hub:"
 # OpenCLIP's SimpleTokenizer regex, case-insensitive as there ("'ſ" is "'s" to it).
 SIMPLE_PATTERN = (
     r"(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
@@ -78,6 +82,26 @@ def load(directory: str | Path) -> FamilyModel:
         # The trace fixes nn.MultiheadAttention's sequence length: fine at the full context.
         text_export_dynamo=spec.padding == "longest",
     )
+
+
+def download(name: str, revision: str = "") -> Path:
+    """`hf-hub:ORG/REPO` (OpenCLIP's name for a hub checkpoint) into the Hugging Face cache:
+    its config and one weight file (safetensors first). Returns the snapshot directory."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = name.removeprefix(HUB_PREFIX)
+    try:
+        config = Path(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
+        for weights in WEIGHT_FILES:
+            try:
+                hf_hub_download(repo, weights, revision=revision or None)
+                return config.parent
+            except EntryNotFoundError:
+                continue
+    except Exception as exc:  # huggingface_hub: network, offline mode, missing repo or file
+        raise ExportError(f"cannot download the OpenCLIP checkpoint {name}: {exc}") from exc
+    raise ExportError(f"{name} has none of the OpenCLIP weight files {', '.join(WEIGHT_FILES)}")
 
 
 def _tokenize(tokenizer: Any, *, trim: bool) -> Callable[[Sequence[str]], dict[str, Any]]:
