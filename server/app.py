@@ -125,6 +125,18 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def weights_bytes(bundle: Bundle, precision: str) -> int:
+    """The size of the tower files a model serves at `precision` (0 for a backend that
+    serves none): a floor under its memory, since ONNX Runtime holds every initializer. The
+    RSS growth alone can read lower when the loads reuse memory the process freed before."""
+    variant = bundle.manifest.variants.get(precision)
+    if variant is None:
+        return 0
+    return sum(
+        bundle.path(name).stat().st_size for name in (variant.text_file, variant.vision_file)
+    )
+
+
 def _tower(backend: ServingBackend, providers: list[str], settings: Settings) -> pb.TowerInfo:
     return pb.TowerInfo(
         precision=backend.precision, providers=providers, max_batch_size=settings.max_batch_size
@@ -371,7 +383,7 @@ class ClipSearchServer:
             bundle=bundle,
             backend=backend,
             pipeline=pipeline,
-            memory_bytes=max(0, rss_bytes() - rss_before),
+            memory_bytes=max(rss_bytes() - rss_before, weights_bytes(bundle, backend.precision)),
             startup_us=int((time.perf_counter() - started) * 1e6),
         )
 

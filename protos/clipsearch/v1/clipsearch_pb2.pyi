@@ -225,7 +225,7 @@ class ModelInfo(_message.Message):
     is_default: _builtins.bool
     """used by requests that name no model"""
     memory_bytes: _builtins.int
-    """process RSS growth while it loaded and warmed up"""
+    """RSS growth while it loaded and warmed up; at least its weights"""
     startup_us: _builtins.int
     """wall time of its load and warm-up"""
     @_builtins.property
