@@ -162,7 +162,7 @@ class MilvusServerProcess:
         try:
             self._wait_until_ready(timeout_s)
         except BaseException:
-            self.stop()
+            self.kill()  # it never served: nothing to stop cleanly, and SIGINT is lost this early
             raise
 
     def _wait_until_ready(self, timeout_s: float) -> None:
