@@ -47,10 +47,13 @@ after an earlier one was applied, the write's outcome is unknown and it raises U
 Faults. `check_health()` is the server's periodic probe: Unavailable while Milvus does not
 answer, StorageFull while writes fail for lack of disk space; it loads any collection it
 finds released, so after a Milvus restart the collections are loaded in the background
-(25-30 s on Milvus 2.3) instead of by the first search. Milvus Lite empties its memtable
-before it writes a flush, so a flush that fails for lack of space would hide acknowledged
-rows from reads until the file is reopened: Lite collections are flushed only while the
-disk has room for it (their WAL twice over, plus a margin).
+(25-30 s on Milvus 2.3) instead of by the first search. A restarted Milvus says a collection
+is loaded while it still replays its recent writes, and answers reads that do not wait for a
+timestamp from what it has replayed so far (Count 0 for seconds); so on opening, and on the
+first probe that succeeds after an outage, reads turn Strong until one has completed.
+Milvus Lite empties its memtable before it writes a flush, so a flush that fails for lack of
+space would hide acknowledged rows from reads until the file is reopened: Lite collections
+are flushed only while the disk has room for it (their WAL twice over, plus a margin).
 """
 
 from __future__ import annotations
