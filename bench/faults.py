@@ -165,6 +165,10 @@ class HealthWatch:
             if not self.changes or self.changes[-1][1] != status:
                 self.changes.append((round(time.monotonic() - self._started, 1), status))
 
+    def now(self) -> float:
+        """Seconds since the watch started, the clock of `changes`."""
+        return round(time.monotonic() - self._started, 1)
+
     def saw(self, *sequence: str) -> bool:
         """Whether the statuses went through `sequence` in this order."""
         statuses = iter(status for _, status in self.changes)
@@ -332,11 +336,13 @@ def milvus_restart(work: Path, n: int) -> dict[str, Any]:
         server = _server(port, milvus.uri, "--store-probe-s", "0.5", "--store-retry-s", "10")
         server.start()
         killed = threading.Event()
+        times: dict[str, float] = {}
         try:
             with HealthWatch(address) as health:
 
                 def kill() -> None:
                     milvus.kill()
+                    times["killed_at_s"] = health.now()
                     killed.set()
 
                 ingest = BackgroundIngest(address, make_items(n), on_ack=at_acks(n // 3, kill))
@@ -344,12 +350,20 @@ def milvus_restart(work: Path, n: int) -> dict[str, Any]:
                 if not killed.wait(WAIT_S):
                     raise TimeoutError("the ingest did not reach the kill point")
                 saw_down = health.wait_for("NOT_SERVING", 30)
-                restart_started = time.monotonic()
-                milvus.start(timeout_s=240)  # slower after kill -9 on a busy machine
-                restart_s = time.monotonic() - restart_started
-                ingest.wait()
+                times["restart_at_s"] = health.now()
+                milvus.start(timeout_s=240)
+                times["milvus_ready_at_s"] = health.now()
                 back = health.wait_for("SERVING", 120)
+                times["serving_at_s"] = health.now()
+                with Client(address, timeout=120) as client:
+                    started = time.monotonic()
+                    client.search("item 1", collection=COLLECTION, top_k=5)
+                    times["first_search_s"] = round(time.monotonic() - started, 2)
+                ingest.wait()
+                times["ingest_done_at_s"] = health.now()
                 counts = store_counts(address, ingest)
+            counts.update(times)
+            restart_s = times["milvus_ready_at_s"] - times["restart_at_s"]
             counts["milvus_restart_s"] = round(restart_s, 1)
             counts["health"] = [f"{t}s {status}" for t, status in health.changes]
             counts["ok"] = _exact(counts) and saw_down and back

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,8 +27,9 @@ from pymilvus import MilvusClient
 
 STARTUP_TIMEOUT_S = 90.0
 # The internal ports of milvus-server's components (root coord, query node, ...) have fixed
-# defaults: two servers on one machine would call each other's components. Every start takes
-# fresh ones.
+# defaults: two servers on one machine would call each other's components. Each instance takes
+# fresh ones and keeps them across restarts: after kill -9 the old sessions in etcd still name
+# them, and the new components reach each other there instead of backing off on dead ports.
 INTERNAL_PORT_FLAGS = (
     "--root-coord-port",
     "--proxy-internal-port",
@@ -39,6 +41,36 @@ INTERNAL_PORT_FLAGS = (
     "--data-node-port",
 )
 SHUTDOWN_TIMEOUT_S = 20.0
+# Milvus's etcd session lease (`common.session.ttl`, default 30 s). After kill -9 the embedded
+# etcd restores the dead process's exclusive coordinator sessions with a fresh lease: the new
+# root/data/query coordinators cannot register until it expires, and the proxy port opens only
+# after that (55-100 s with 30 s, see docs/RELIABILITY.md). A live server renews it every ttl/3.
+SESSION_TTL_S = 10
+
+
+# How `milvus-server` is run: its own `main()`, after one change. Before it starts the server it
+# test-binds every port it was given, without SO_REUSEADDR, and silently moves to the next
+# port when that fails. A port still in TIME_WAIT after kill -9 (the proxy port, whenever a
+# client was connected) fails that test for 60 s, so a restart served on port + 1 and the
+# caller waited on the old one until its timeout. The Go server itself sets SO_REUSEADDR.
+LAUNCHER = """
+import socket, sys, milvus
+
+def try_bind_port(self, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+milvus.MilvusServerConfig.try_bind_port = try_bind_port
+sys.argv[0] = "milvus-server"
+sys.exit(milvus.main())
+"""
 
 
 def milvus_server_executable() -> str | None:
@@ -56,6 +88,15 @@ def free_port() -> int:
         return port
 
 
+def _interpreter(script: str) -> str:
+    """The Python that runs the `milvus-server` script (its #! line), else this one."""
+    with contextlib.suppress(OSError), Path(script).open("rb") as file:
+        first = file.readline().decode(errors="replace").strip()
+        if first.startswith("#!") and "python" in first:
+            return first[2:].strip().split()[0]
+    return sys.executable
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -69,10 +110,12 @@ class MilvusServerError(RuntimeError):
 class MilvusServerProcess:
     """A `milvus-server` child process; use as a context manager."""
 
-    def __init__(self, data_dir: Path, executable: str) -> None:
+    def __init__(self, data_dir: Path, executable: str, session_ttl_s: int = SESSION_TTL_S) -> None:
         self.data_dir = data_dir
         self.executable = executable
+        self.session_ttl_s = session_ttl_s
         self.port = free_port()
+        self._internal_ports = [free_port() for _ in INTERNAL_PORT_FLAGS]
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -97,12 +140,19 @@ class MilvusServerProcess:
             f"initial-cluster: clipsearch-test=http://127.0.0.1:{etcd_peer}\n"
         )
         env = dict(os.environ, ETCD_CONFIG_PATH=str(etcd_config))
+        config = self.data_dir / "milvus/configs/milvus.yaml"
+        config.unlink(missing_ok=True)  # written again by this start, with the ports it chose
         command = [
-            self.executable,
+            _interpreter(self.executable), "-c", LAUNCHER,
             "--data", str(self.data_dir / "milvus"),
             "--proxy-port", str(self.port),
             "--etcd-port", str(etcd_client),
-            *(part for flag in INTERNAL_PORT_FLAGS for part in (flag, str(free_port()))),
+            *(
+                part
+                for flag, port in zip(INTERNAL_PORT_FLAGS, self._internal_ports, strict=True)
+                for part in (flag, str(port))
+            ),
+            "--extra-config", f"common.session.ttl={self.session_ttl_s}",
         ]  # fmt: skip
         with (self.data_dir / "milvus-server.out").open("wb") as out:
             # Own session: if this process dies, the server can still be found by group id.
@@ -112,7 +162,7 @@ class MilvusServerProcess:
         try:
             self._wait_until_ready(timeout_s)
         except BaseException:
-            self.stop()
+            self.kill()  # it never served: nothing to stop cleanly, and SIGINT is lost this early
             raise
 
     def _wait_until_ready(self, timeout_s: float) -> None:
@@ -122,6 +172,11 @@ class MilvusServerProcess:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise MilvusServerError(f"milvus-server exited early:\n{self.log_tail()}")
+            chosen = self._configured_proxy_port()
+            if chosen is not None and chosen != self.port:
+                raise MilvusServerError(
+                    f"milvus-server chose proxy port {chosen}, not {self.port} (taken?)"
+                )
             if _port_open(self.port):
                 try:
                     client = MilvusClient(self.uri, timeout=5)
@@ -135,6 +190,14 @@ class MilvusServerProcess:
             f"milvus-server did not answer on {self.uri} within {timeout_s:.0f} s "
             f"({last_error}):\n{self.log_tail()}"
         )
+
+    def _configured_proxy_port(self) -> int | None:
+        """The proxy port in the config milvus-server wrote, once it has written it."""
+        config = self.data_dir / "milvus/configs/milvus.yaml"
+        with contextlib.suppress(OSError):
+            found = re.search(r"^proxy:\n(?:(?:  .*)?\n)*?  port: (\d+)", config.read_text(), re.M)
+            return int(found.group(1)) if found else None
+        return None
 
     def log_tail(self, lines: int = 30) -> str:
         logs = [

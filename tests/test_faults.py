@@ -10,6 +10,7 @@ every item written once, acked once, nothing acked FAILED that is stored.
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from server_fixtures import ThreadedServer, quick_settings
-from store_fixtures import MilvusServerProcess
+from store_fixtures import MilvusServerError, MilvusServerProcess
 
 from clipsearch.bench.faults import (
     BackgroundIngest,
@@ -257,6 +258,50 @@ def test_a_stream_opened_while_draining_takes_nothing(tmp_path: Path) -> None:
 # --- a real Milvus server killed and restarted mid-ingest ------------------------------
 
 
+def port_in_time_wait() -> int:
+    """A loopback port left in TIME_WAIT, as kill -9 of a server leaves its port when a client
+    was connected: the server's side of the connection closes first."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port: int = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()
+        client.recv(1)  # the server's FIN
+        client.close()
+    with socket.socket() as probe, pytest.raises(OSError) as taken:  # bind as milvus-server did
+        probe.bind(("127.0.0.1", port))
+    assert taken.value.errno == errno.EADDRINUSE
+    return port
+
+
+def test_a_proxy_port_taken_by_another_socket_fails_the_start_at_once(
+    tmp_path: Path, milvus_server_path: str
+) -> None:
+    milvus = MilvusServerProcess(tmp_path / "milvus", milvus_server_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", milvus.port))
+        holder.listen()
+        started = time.monotonic()
+        with pytest.raises(MilvusServerError, match=f"not {milvus.port}"):
+            milvus.start(timeout_s=120)  # it moved to another port: no waiting on this one
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow  # starts a Milvus server (~10 s)
+def test_milvus_serves_on_its_port_left_in_time_wait(
+    tmp_path: Path, milvus_server_path: str
+) -> None:
+    milvus = MilvusServerProcess(tmp_path / "milvus", milvus_server_path)
+    milvus.port = port_in_time_wait()
+    try:
+        milvus.start()  # milvus-server used to serve on port + 1 and this waited in vain
+    finally:
+        milvus.stop()
+
+
 @pytest.mark.slow
 def test_milvus_killed_and_restarted_mid_ingest_loses_nothing(
     tmp_path: Path, milvus_server_path: str
@@ -282,8 +327,8 @@ def test_milvus_killed_and_restarted_mid_ingest_loses_nothing(
             ingest.start()
             assert killed.wait(60)
             assert health.wait_for("NOT_SERVING", 15)
-            # A restart after kill -9 took 8-11 s in most trials, over 90 s in some on a
-            # busy machine: the bound is generous, the client's resume waits 120 s.
+            # 10-20 s here (stale sessions of the killed process expire first, see
+            # MilvusServerProcess); the bound is generous, the client's resume waits 120 s.
             milvus.start(timeout_s=240)
             ingest.wait(150)
             assert health.wait_for("SERVING", 60)

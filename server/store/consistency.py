@@ -35,6 +35,12 @@ class ReadConsistency:
         with self._lock:
             self._deletes[collection] = self._deletes.get(collection, 0) + 1
 
+    def unsettled(self, collection: str) -> None:
+        """Call when the server may not yet serve writes made before now (it restarted, and a
+        reloaded collection answers from what it has replayed so far): reads of `collection`
+        use Strong until one has completed, as after a delete."""
+        self.deleted(collection)
+
     def level(self, collection: str) -> ReadLevel:
         with self._lock:
             generation = self._deletes.get(collection, 0)

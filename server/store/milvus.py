@@ -47,10 +47,13 @@ after an earlier one was applied, the write's outcome is unknown and it raises U
 Faults. `check_health()` is the server's periodic probe: Unavailable while Milvus does not
 answer, StorageFull while writes fail for lack of disk space; it loads any collection it
 finds released, so after a Milvus restart the collections are loaded in the background
-(25-30 s on Milvus 2.3) instead of by the first search. Milvus Lite empties its memtable
-before it writes a flush, so a flush that fails for lack of space would hide acknowledged
-rows from reads until the file is reopened: Lite collections are flushed only while the
-disk has room for it (their WAL twice over, plus a margin).
+(25-30 s on Milvus 2.3) instead of by the first search. A restarted Milvus says a collection
+is loaded while it still replays its recent writes, and answers reads that do not wait for a
+timestamp from what it has replayed so far (Count 0 for seconds); so on opening, and on the
+first probe that succeeds after an outage, reads turn Strong until one has completed.
+Milvus Lite empties its memtable before it writes a flush, so a flush that fails for lack of
+space would hide acknowledged rows from reads until the file is reopened: Lite collections
+are flushed only while the disk has room for it (their WAL twice over, plus a margin).
 """
 
 from __future__ import annotations
@@ -177,8 +180,10 @@ class MilvusStore:
                 f"cannot open Milvus at {self._description}: {milvus_errors.message_of(exc)}"
                 + (" (is another process using this file?)" if self._lite else "")
             ) from exc
+        # Set when Milvus could not be reached: it may have restarted, see `_load_all`.
+        self._contact_lost = False
         try:
-            self._load_all()
+            self._load_all(settle=True)
         except BaseException:
             self.close()
             raise
@@ -488,7 +493,12 @@ class MilvusStore:
     def check_health(self) -> None:
         """The server's probe: raises Unavailable while Milvus does not answer, StorageFull
         while writes fail for lack of disk space; loads the collections found released."""
-        self._load_all()
+        settle, self._contact_lost = self._contact_lost, False
+        try:
+            self._load_all(settle=settle)
+        except BaseException:
+            self._contact_lost = self._contact_lost or settle
+            raise
         full = self._disk_full
         if full is None:
             return
@@ -554,7 +564,12 @@ class MilvusStore:
             self._collections[name] = collection
         return collection
 
-    def _load_all(self) -> None:
+    def _load_all(self, settle: bool = False) -> None:
+        """Load every collection of ours. `settle` (on opening, and once Milvus answers again
+        after an outage): a Milvus server that restarted reports its collections loaded while
+        it still replays their recent writes, and Session reads of a process that has not
+        written them answer from what it has so far (Count 0 for seconds); so reads turn
+        Strong until one has completed, and one is made here, which waits for the replay."""
         for name in self._call(lambda: self._client.list_collections(timeout=self._timeout_s)):
             if name.endswith(validation.COMPANION_SUFFIX):
                 continue
@@ -562,8 +577,17 @@ class MilvusStore:
                 collection = self._collection(name)
             except NotFound:
                 continue
-            self._ensure_loaded(collection.name)
-            self._ensure_loaded(collection.companion)
+            for part in (collection.name, collection.companion):
+                self._ensure_loaded(part)
+                if settle and self._lite is None:
+                    self._reads.unsettled(part)
+                    self._read(collection, part, partial(self._count_at, part))
+
+    def _count_at(self, name: str, level: str) -> list[dict[str, Any]]:
+        return self._client.query(  # type: ignore[no-any-return]
+            name, filter="", output_fields=["count(*)"], consistency_level=level,
+            timeout=self._ddl_timeout_s,
+        )  # fmt: skip
 
     def _ensure_loaded(self, name: str) -> None:
         state = self._call(lambda: self._client.get_load_state(name, timeout=self._timeout_s), name)
@@ -680,6 +704,8 @@ class MilvusStore:
                 with self._cache_lock:
                     self._collections.pop(collection, None)
             error = milvus_errors.translate(exc, collection, filter)
+            if isinstance(error, Unavailable):
+                self._contact_lost = True
             if isinstance(error, StorageFull) and self._disk_full is None:
                 free = _free_bytes(self._lite.path) if self._lite else 0
                 self._disk_full = (time.monotonic(), free)
