@@ -84,7 +84,7 @@ def exact_top_k(rows: np.ndarray, queries: np.ndarray, k: int = TOP_K) -> np.nda
 
 def recall_at_k(found: Sequence[Sequence[int]], truth: np.ndarray) -> float:
     """Mean fraction of each query's exact top k that the index returned."""
-    k = truth.shape[1]
+    k = int(truth.shape[1])
     hits = 0
     for ids, row in zip(found, truth, strict=True):
         hits += len(set(ids[:k]) & {int(i) for i in row})
