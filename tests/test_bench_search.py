@@ -57,6 +57,7 @@ def test_flat_index_on_lite_and_server_is_exact(
     for figures in report["runs"]:
         assert set(figures) == set(RUN_KEYS)
         assert figures["rows_inserted"] == figures["count"] == 2000
+        assert figures["clipsearch_error"] is None
         for key in ("insert_s", "insert_rows_per_s", "index_build_s", "serve_start_s"):
             assert figures[key] > 0, key
         assert figures["flush_s"] >= 0 and figures["load_s"] >= 0
