@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-# The export/dev extras need torch; the CPU build is enough for everything here.
-TORCH ?= torch==2.13.0
+# The export/dev extras need torch and, for OpenCLIP, a torchvision built for that torch.
+# This pair installs from PyPI (a CUDA build that runs on the CPU; ~5.5 GB with its nvidia-*
+# wheels); PyPI's torchvision does not import beside the 2.13.0+cpu wheel. On aarch64 use
+# TORCH="torch==2.9.1 torchvision==0.24.1".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv setup setup-dev proto test test-quick lint format demo bench clean
@@ -22,7 +25,7 @@ setup: venv  ## install the server and client (what `make demo` needs)
 	$(PIP) install -q -e ".[server]"
 
 setup-dev: venv  ## install everything: server, export (torch), test and lint tools
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
 
 proto: ## regenerate the gRPC stubs from protos/ (needs setup-dev)

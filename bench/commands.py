@@ -111,6 +111,7 @@ def register(commands: Any) -> None:
     ingest.add_argument("--no-server", action="store_true", help="skip the Milvus server")
     ingest.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
     ingest.set_defaults(handler=_run_ingest)
+    _register_ingest_vectors(kinds)
     _register_load(kinds)
     _register_figures(kinds)
     _register_search(kinds)
@@ -346,6 +347,35 @@ _run_faults = _handler("faults", *SERVER_EXTRAS)
 _run_ingest = _handler("ingest", *SERVER_EXTRAS)
 _run_soak = _handler("soak", *SERVER_EXTRAS)
 _run_search = _handler("search", *SERVER_EXTRAS)
+
+
+def _register_ingest_vectors(kinds: Any) -> None:
+    vectors: argparse.ArgumentParser = kinds.add_parser(
+        "ingest-vectors",
+        help="vectors computed elsewhere, from Parquet into Milvus Lite and a Milvus server",
+        description=(
+            "Writes N rows of random unit vectors (the served model's dimension, image and "
+            "caption vector per row) in the Parquet layout 'clipsearch ingest FILE.parquet' "
+            "reads, then times that ingest into Milvus Lite and into a Milvus server started "
+            "for the run (Count exact, nothing encoded, Search(vector) finds rows with score "
+            "1), the Parquet reader alone, and bare pymilvus upserts of as many rows (the "
+            "store's limit). Prints ingest_vs_raw_lite, ingest_vs_raw_server and every rate."
+        ),
+    )
+    vectors.add_argument("--json", action="store_true", help="print the results as JSON")
+    vectors.add_argument("--count", type=int, default=100_000, help="items (default: 100000)")
+    vectors.add_argument("--model", default="", help="bundle to serve (default: the demo model)")
+    vectors.add_argument("--no-server", action="store_true", help="skip the Milvus server")
+    vectors.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
+    vectors.set_defaults(handler=_run_ingest_vectors)
+
+
+def _run_ingest_vectors(args: argparse.Namespace) -> int:
+    require("server", "onnxruntime", "pymilvus")
+    require("parquet", "pyarrow")
+    from clipsearch.bench.ingest_vectors import main
+
+    return main(args)
 
 
 def _run_load(args: argparse.Namespace) -> int:

@@ -24,13 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from clipsearch.bulk.sources import WORK_SCHEMA
-from clipsearch.server import limits
 from clipsearch.server.bundle import default_bundle_path, load_bundle
 from clipsearch.server.encoder import EncoderOptions, OnnxEncoder
 from clipsearch.server.errors import ClipsearchError
 from clipsearch.server.ingest import content_id
 from clipsearch.server.settings import Settings
-from clipsearch.server.store import validation
+from clipsearch.server.store import StoredItem, validation
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +103,8 @@ class EncodeActor:
             return f"cannot read {row['path']}: {exc.strerror or exc}"
         item_id = row["id"] or content_id(data)
         try:
-            validation.check_id(item_id)
-            validation.check_text(row["uri"], "uri", limits.MAX_URI_BYTES, item_id)
-            validation.check_text(row["caption"], "caption", limits.MAX_CAPTION_BYTES, item_id)
-            validation.check_metadata(json.loads(row["metadata"]), item_id)
+            metadata = json.loads(row["metadata"])
+            validation.check_fields(StoredItem(item_id, row["uri"], row["caption"], metadata))
             return _Prepared(item_id, self.encoder.preprocessor(data))
         except ClipsearchError as exc:
             return str(exc)

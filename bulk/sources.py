@@ -4,7 +4,9 @@ SOURCE is what `clipsearch ingest` reads (a directory of images, a CSV or JSONL 
 image: `clipsearch.client.sources` parses them, so ids, uris, captions and metadata come out
 exactly as ingest makes them), or Parquet (a `.parquet` file or a directory of `.parquet`
 files) with the manifest's columns: `id`, `path` or `uri`, `caption` (or `--caption-field`),
-`metadata` (a JSON object string), every other column into metadata.
+`metadata` (a JSON object string), every other column into metadata, read by the Parquet
+reader of `clipsearch ingest` (`clipsearch.client.parquet`); a row that carries its image
+vector is not bulk's to encode and is reported failed.
 
 Only paths travel, never image bytes: the encode actors read the files, so the driver holds a
 few hundred bytes per item (about 300 MB per million items). A row that cannot describe an
@@ -17,15 +19,13 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from clipsearch.client.sources import RowError, SourceError, open_source, row_item
+from clipsearch.client.parquet import is_parquet, parquet_rows
+from clipsearch.client.sources import RowError, open_source, row_item
 from clipsearch.client.types import IngestItem
 
-PARQUET_SUFFIX = ".parquet"
 ROWS_PER_TABLE = 10_000
 
 # `label` names the item in messages (its id, else its path, else manifest:line); an empty
@@ -41,10 +41,6 @@ WORK_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-
-
-def is_parquet(source: str | os.PathLike[str]) -> bool:
-    return Path(source).suffix.lower() == PARQUET_SUFFIX
 
 
 def work_rows(
@@ -111,42 +107,15 @@ def _failed(label: str, reason: str) -> dict[str, str]:
 
 
 def _parquet_rows(path: Path, caption_field: str | None) -> Iterator[dict[str, str]]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob(f"*{PARQUET_SUFFIX}") if p.is_file())
-        base = path
-    elif path.is_file():
-        files, base = [path], path.parent
-    else:
-        raise SourceError(f"{path}: no such file or directory")
-    for file in files:
-        try:
-            parquet = pq.ParquetFile(file)
-        except (OSError, pa.ArrowException) as exc:
-            raise SourceError(f"{file}: not a readable Parquet file: {exc}") from exc
-        columns = parquet.schema_arrow.names
-        if caption_field is not None and caption_field not in columns:
-            raise SourceError(
-                f"{file}: no column {caption_field!r} (columns: {', '.join(columns)})"
-            )
-        line = 0
-        for batch in parquet.iter_batches():
-            for record in batch.to_pylist():
-                line += 1
-                where = f"{file}:{line}"
-                try:
-                    item = row_item(_parsed_metadata(record, where), base, caption_field, where)
-                except RowError as exc:
-                    yield _failed(exc.where, exc.reason)
-                    continue
-                yield _row(item)
-
-
-def _parsed_metadata(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """A Parquet row whose `metadata` JSON string is parsed (row_item wants an object)."""
-    raw = record.get("metadata")
-    if not isinstance(raw, str) or not raw:
-        return record
-    try:
-        return {**record, "metadata": json.loads(raw)}
-    except json.JSONDecodeError as exc:
-        raise RowError(where, f"metadata is not valid JSON: {exc.msg}") from None
+    for row in parquet_rows(path, caption_field):
+        if isinstance(row, RowError):
+            yield _failed(row.where, row.reason)
+        elif row.image_vector is not None:
+            yield _failed(row.where, "the row carries its image vector: `clipsearch ingest` it")
+        else:
+            try:
+                item = row_item(row.record, row.base, caption_field, row.where)
+            except RowError as exc:
+                yield _failed(exc.where, exc.reason)
+                continue
+            yield _row(item)

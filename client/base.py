@@ -212,6 +212,7 @@ def ingest_state(
     create_collection: bool,
     skip_existing: bool,
     model: str | None = None,
+    vectors_model_id: str | None = None,
     progress: bool,
     total: int | None,
     window: int,
@@ -222,7 +223,9 @@ def ingest_state(
     if total is None and isinstance(items, Sized):
         total = len(items)
     return IngestState(
-        convert.ingest_options(collection, create_collection, skip_existing, model),
+        convert.ingest_options(
+            collection, create_collection, skip_existing, model, vectors_model_id
+        ),
         window=window,
         max_attempts=max_attempts,
         backoff=backoff or Backoff(),

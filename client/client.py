@@ -169,6 +169,7 @@ class Client(ClientBase):
         create_collection: bool = True,
         skip_existing: bool = False,
         model: str | None = None,
+        vectors_model_id: str | None = None,
         progress: bool = False,
         total: int | None = None,
         window: int = 256,
@@ -186,8 +187,13 @@ class Client(ClientBase):
         `backoff.give_up_s` (default 120 s) without an acknowledgement, or after
         `max_attempts` attempts in a row without one if that is set. `model`: the served
         model of a collection created here (default: the server's default); an existing one
-        must be its model's. `progress` shows a tqdm bar (of `total` items, or `len(items)`
-        when it has one). `timeout` bounds each stream (default: none).
+        must be its model's. Items may carry vectors computed elsewhere (`IngestItem.
+        image_vector`, `caption_vector`): they are stored without encoding, and
+        `vectors_model_id` names the model that computed them (`ServerInfo.model_id` of a
+        server serving it); a collection of another model refuses the stream
+        (FailedPrecondition), an item whose vector is of the wrong dimension, not finite or
+        zero fails alone (INVALID_ARGUMENT). `progress` shows a tqdm bar (of `total` items,
+        or `len(items)` when it has one). `timeout` bounds each stream (default: none).
         Iterate the returned stream, or call its `run()` for the `IngestSummary`.
         """
         state = ingest_state(
@@ -196,6 +202,7 @@ class Client(ClientBase):
             create_collection=create_collection,
             skip_existing=skip_existing,
             model=model,
+            vectors_model_id=vectors_model_id,
             progress=progress,
             total=total,
             window=window,

@@ -156,24 +156,41 @@ def _register_ingest(commands: Any, common: argparse.ArgumentParser) -> None:
     p: argparse.ArgumentParser = commands.add_parser(
         "ingest",
         parents=[common],
-        help="stream a directory of images or a CSV/JSONL manifest into a collection",
+        help="stream a directory of images or a CSV/JSONL/Parquet manifest into a collection",
         description=(
             "Stream images into a collection with a progress bar, then print a summary "
             "(ok / failed with reasons / skipped). PATH is a directory (every image file under "
             "it, recursively; id = the path relative to PATH, uri = the absolute path), a CSV "
             "or JSONL manifest (columns: id, path or uri, caption, every other column becomes "
             "metadata; relative paths are resolved against the manifest's folder), or one "
-            "image. Items are upserted by id, so running it again never duplicates; a broken "
+            "image, or Parquet (the manifest's columns, metadata as a JSON string; rows with "
+            "an image_vector and optional caption_vector column, lists of float32, carry "
+            "vectors computed elsewhere: stored as given, never re-encoded, by the model "
+            "--vectors-model-id names or the file's schema metadata key clipsearch.model_id). "
+            "Items are upserted by id, so running it again never duplicates; a broken "
             "connection is resumed. A manifest row that cannot describe an item is reported "
             "as failed (FILE:LINE: reason) and the ingest goes on. Exit code 1 if any item "
             "failed; the summary is printed even when the ingest stops early."
         ),
         epilog=(
             "example: clipsearch ingest gallery/manifest.csv --collection demo "
-            "--caption-field caption_en"
+            "--caption-field caption_en; clipsearch ingest vectors.parquet --collection c "
+            "--vectors-model-id $(clipsearch info --json | jq -r .model_id)"
         ),
     )
-    p.add_argument("path", metavar="PATH", help="a directory, a .csv/.jsonl manifest, or an image")
+    p.add_argument(
+        "path", metavar="PATH", help="a directory, a .csv/.jsonl/.parquet manifest, or an image"
+    )
+    p.add_argument(
+        "--vectors-model-id",
+        default=None,
+        metavar="ID",
+        help=(
+            "the model id (clipsearch info) that computed the vectors Parquet rows carry "
+            "(default: the file's schema metadata key clipsearch.model_id); it must be the "
+            "collection's"
+        ),
+    )
     _add_collection(p)
     p.add_argument(
         "--caption-field",
@@ -219,6 +236,7 @@ def _run_ingest(args: argparse.Namespace, client: Client) -> int:
         create_collection=not args.no_create,
         skip_existing=args.skip_existing,
         model=args.model,
+        vectors_model_id=args.vectors_model_id or source.model_id,
         progress=progress,
         total=source.total if progress else None,
         window=args.window,

@@ -71,11 +71,14 @@ class Rpc(Generic[RequestT, ResponseT, ResultT_co]):
 # --- values ------------------------------------------------------------------------------
 
 
-def vector_to_bytes(vector: np.ndarray | Sequence[float]) -> bytes:
+def vector_to_bytes(vector: np.ndarray | Sequence[float], what: str = "a query vector") -> bytes:
     """The wire form of a vector: little-endian float32."""
-    array = np.asarray(vector, dtype="<f4")
+    try:
+        array = np.asarray(vector, dtype="<f4")
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{what} is not a vector of numbers") from None
     if array.ndim != 1 or array.size == 0:
-        raise InvalidArgument(f"a query vector must be 1-D and non-empty, got shape {array.shape}")
+        raise InvalidArgument(f"{what} must be 1-D and non-empty, got shape {array.shape}")
     return array.tobytes()
 
 
@@ -339,7 +342,11 @@ def search_rpc(request: pb.SearchRequest) -> Rpc[pb.SearchRequest, pb.SearchResp
 
 
 def ingest_options(
-    collection: str | None, create_collection: bool, skip_existing: bool, model: str | None = None
+    collection: str | None,
+    create_collection: bool,
+    skip_existing: bool,
+    model: str | None = None,
+    vectors_model_id: str | None = None,
 ) -> pb.IngestRequest:
     return pb.IngestRequest(
         options=pb.IngestOptions(
@@ -347,22 +354,26 @@ def ingest_options(
             create_collection=create_collection,
             skip_existing=skip_existing,
             model=model or "",
+            vectors_model_id=vectors_model_id or "",
         )
     )
 
 
 def ingest_request(item: IngestItem, seq: int) -> pb.IngestRequest:
     """The wire message of an item; reads the image file of path items (may raise OSError)."""
-    return pb.IngestRequest(
-        item=pb.IngestItem(
-            id=item.id,
-            image=item.read_image(),
-            uri=item.uri,
-            caption=item.caption,
-            metadata_json=metadata_to_json(item.metadata),
-            seq=seq,
-        )
+    message = pb.IngestItem(
+        id=item.id,
+        image=item.read_image(),
+        uri=item.uri,
+        caption=item.caption,
+        metadata_json=metadata_to_json(item.metadata),
+        seq=seq,
     )
+    if item.image_vector is not None:
+        message.image_vector.data = vector_to_bytes(item.image_vector, "the image vector")
+    if item.caption_vector is not None:
+        message.caption_vector.data = vector_to_bytes(item.caption_vector, "the caption vector")
+    return pb.IngestRequest(item=message)
 
 
 def ingest_result(ack: pb.IngestAck) -> IngestResult:

@@ -221,27 +221,33 @@ def ingest_path(
     create_collection: bool = True,
     skip_existing: bool = False,
     model: str | None = None,
+    vectors_model_id: str | None = None,
     progress: bool = True,
     window: int = 256,
     max_attempts: int | None = None,
     backoff: Backoff | None = None,
 ) -> Plan[IngestSummary]:
-    """Ingest a directory of images, a CSV or JSONL manifest, or one image file.
+    """Ingest a directory of images, a CSV, JSONL or Parquet manifest, or one image file.
 
     See `clipsearch.client.sources` for the manifest columns; `caption_field` names the
     caption column (default "caption"). `model`: the served model of a collection created
     here (default: the server's default); an existing collection must have been built with
-    it. Returns the counts and each failure's reason. A broken stream is resumed as
+    it. Parquet rows may carry vectors computed elsewhere (`clipsearch.client.parquet`), by
+    the model `vectors_model_id` names (default: the one the file's schema metadata records).
+    Returns the counts and each failure's reason. A broken stream is resumed as
     `Client.ingest` does (`backoff`, `max_attempts`).
     """
     source = open_source(path, caption_field=caption_field)
     total = (yield from blocking(lambda: source.total)) if progress else None
+    if vectors_model_id is None:
+        vectors_model_id = yield from blocking(lambda: source.model_id)
     state = ingest_state(
         source,
         collection=collection,
         create_collection=create_collection,
         skip_existing=skip_existing,
         model=model,
+        vectors_model_id=vectors_model_id,
         progress=progress,
         total=total,
         window=window,

@@ -1,4 +1,4 @@
-"""Where ingest items come from: a directory of images, a CSV or a JSONL manifest.
+"""Where ingest items come from: a directory of images, a CSV or a JSONL manifest, Parquet.
 
 - A directory: every file under it (recursively, hidden ones skipped) whose extension is an
   image extension, in sorted order; id = the path relative to the directory in POSIX form,
@@ -10,6 +10,10 @@
   `caption_en`), and every other column goes into the item's metadata. CSV cells that are
   integers or decimals become JSON numbers; JSONL values keep their JSON types, and a
   `metadata` object is merged in.
+
+- Parquet (a `.parquet` file or a directory of them): the manifest's columns, and items that
+  carry vectors computed elsewhere (`image_vector`, `caption_vector`); see
+  `clipsearch.client.parquet` (needs pyarrow).
 
 A row that cannot describe an item (not JSON, no path, a remote URI) raises `RowError` for
 that row alone and iteration goes on with the next one, so an ingest reports the row as a
@@ -33,6 +37,7 @@ from urllib.parse import unquote, urlparse
 
 from clipsearch.client.types import IngestItem
 
+PARQUET_SUFFIX = ".parquet"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CSV_SUFFIXES = frozenset({".csv"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
@@ -42,7 +47,7 @@ RESERVED_FIELDS = frozenset({"id", "path", "uri", "metadata"})
 _INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+")
 
-SourceKind = Literal["directory", "csv", "jsonl", "image"]
+SourceKind = Literal["directory", "csv", "jsonl", "image", "parquet"]
 
 
 class SourceError(ValueError):
@@ -79,7 +84,20 @@ class ItemSource:
             return csv_items(self.path, self.caption_field)
         if self.kind == "jsonl":
             return jsonl_items(self.path, self.caption_field)
+        if self.kind == "parquet":
+            from clipsearch.client import parquet  # noqa: PLC0415  # needs pyarrow, an extra
+
+            return parquet.parquet_items(self.path, self.caption_field)
         return iter([image_item(self.path, self.path.parent)])
+
+    @property
+    def model_id(self) -> str:
+        """The model id a Parquet source's producer recorded ("" for other sources)."""
+        if self.kind != "parquet":
+            return ""
+        from clipsearch.client import parquet  # noqa: PLC0415  # needs pyarrow, an extra
+
+        return parquet.model_id(self.path)
 
     @property
     def total(self) -> int:
@@ -97,6 +115,10 @@ class ItemSource:
         if self.kind == "jsonl":
             with self.path.open("rb") as f:
                 return sum(1 for line in f if line.strip())
+        if self.kind == "parquet":
+            from clipsearch.client import parquet  # noqa: PLC0415  # needs pyarrow, an extra
+
+            return parquet.row_count(self.path)
         return 1
 
 
@@ -106,8 +128,12 @@ def open_source(
     caption_field: str | None = None,
     extensions: frozenset[str] = IMAGE_EXTENSIONS,
 ) -> ItemSource:
-    """The item source for a directory, a .csv, a .jsonl/.ndjson, or a single image file."""
+    """The item source for a directory, a .csv, a .jsonl/.ndjson, Parquet (a .parquet file or
+    a directory named *.parquet), or a single image file."""
     path = Path(path)
+    if path.suffix.lower() == PARQUET_SUFFIX and path.exists():
+        _require_pyarrow()
+        return ItemSource(path, "parquet", caption_field)
     if path.is_dir():
         if caption_field is not None:
             raise SourceError("--caption-field applies to CSV/JSONL manifests, not directories")
@@ -122,8 +148,18 @@ def open_source(
     if suffix in extensions:
         return ItemSource(path, "image", extensions=extensions)
     raise SourceError(
-        f"{path}: not a directory, a CSV (.csv) or JSONL (.jsonl) manifest, or an image"
+        f"{path}: not a directory, a CSV (.csv), JSONL (.jsonl) or Parquet (.parquet) "
+        "manifest, or an image"
     )
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401, PLC0415
+    except ImportError:
+        raise SourceError(
+            "reading Parquet needs pyarrow: pip install 'clipsearch[parquet]'"
+        ) from None
 
 
 # --- directories ---------------------------------------------------------------------------
@@ -227,6 +263,18 @@ def row_item(
     if not location:
         raise RowError(where, "the row has neither a path nor a uri")
     file = _local_file(location, base, where)
+    caption = row.get(caption_key)
+    return IngestItem(
+        id=_text(row.get("id")),
+        path=file,
+        uri=_text(row.get("uri")) or file.as_posix(),
+        caption="" if caption is None else str(caption),
+        metadata=row_metadata(row, caption_key, where),
+    )
+
+
+def row_metadata(row: Mapping[str, Any], caption_key: str, where: str) -> dict[str, Any]:
+    """A row's `metadata` object merged with every column that is not a reserved one."""
     metadata: dict[str, Any] = {}
     nested = row.get("metadata")
     if isinstance(nested, dict):
@@ -236,14 +284,7 @@ def row_item(
     for key, value in row.items():
         if key not in RESERVED_FIELDS and key != caption_key:
             metadata[key] = value
-    caption = row.get(caption_key)
-    return IngestItem(
-        id=_text(row.get("id")),
-        path=file,
-        uri=_text(row.get("uri")) or file.as_posix(),
-        caption="" if caption is None else str(caption),
-        metadata=metadata,
-    )
+    return metadata
 
 
 def _local_file(location: str, base: Path, where: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -312,9 +313,13 @@ class IngestItem:
     """One image to ingest.
 
     Give the image as `image` bytes, or as a `path` that is read only when the item is sent
-    (so a source of millions of items does not hold their bytes). An empty `id` lets the
-    server use a hash of the image bytes, so re-ingesting the same file never duplicates it.
-    `uri` is stored as is (the server never fetches it); `metadata` must be JSON-serializable.
+    (so a source of millions of items does not hold their bytes), or as an `image_vector`
+    computed elsewhere (then `id` is required, and the ingest names the vectors' model with
+    `vectors_model_id`). An empty `id` lets the server use a hash of the image bytes, so
+    re-ingesting the same file never duplicates it. `uri` is stored as is (the server never
+    fetches it); `metadata` must be JSON-serializable. A `caption` is encoded by the server
+    unless its `caption_vector` comes with it. Vectors are sent as float32; the server checks
+    their dimension and values and L2-normalizes them.
     """
 
     id: str = ""
@@ -323,10 +328,15 @@ class IngestItem:
     uri: str = ""
     caption: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    image_vector: np.ndarray | Sequence[float] | None = field(default=None, compare=False)
+    caption_vector: np.ndarray | Sequence[float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if (self.image is None) == (self.path is None):
-            raise ValueError("give an IngestItem exactly one of image (bytes) or path")
+        given = [self.image is not None, self.path is not None, self.image_vector is not None]
+        if sum(given) != 1:
+            raise ValueError(
+                "give an IngestItem exactly one of image (bytes), path or image_vector"
+            )
 
     @property
     def label(self) -> str:
@@ -334,10 +344,12 @@ class IngestItem:
         return self.id or (str(self.path) if self.path is not None else self.uri) or "<no id>"
 
     def read_image(self) -> bytes:
-        """The image bytes (reads the file for path items; raises OSError if unreadable)."""
+        """The image bytes (reads the file for path items; raises OSError if unreadable);
+        empty for an item carrying its image vector."""
         if self.image is not None:
             return self.image
-        assert self.path is not None
+        if self.path is None:
+            return b""
         return Path(self.path).read_bytes()
 
 

@@ -38,8 +38,9 @@ def _register_export(commands: Any) -> None:
         default="",
         help="local directory or hub id (where the hub is reachable) of a CLIP "
         "(openai/clip-vit-base-patch32), Chinese-CLIP (OFA-Sys/chinese-clip-vit-base-patch16) "
-        "or SigLIP (google/siglip-base-patch16-224) checkpoint, or a local OpenCLIP "
-        "directory (open_clip_config.json + open_clip_model.safetensors)",
+        "or SigLIP (google/siglip-base-patch16-224) checkpoint, or an OpenCLIP one: a "
+        "directory (open_clip_config.json + open_clip_model.safetensors) or "
+        "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
     )
     p.add_argument(
         "--text",

@@ -261,6 +261,7 @@ def _export_fp32(loaded: FamilyModel, out: Path, opset: int) -> None:
         opset,
         [example[n] for n in loaded.text_spec.inputs],
         loaded.text_spec.inputs,
+        max_sequence=loaded.text_spec.context_length if loaded.text_export_dynamo else None,
     )
     export_vision_tower(
         loaded.vision_tower, out / vision_file, opset, loaded.vision_spec.image_size
@@ -308,7 +309,12 @@ def _check_variant(
 
     text_file, vision_file = variant_files(precision)
     towers = OnnxTowers.load(
-        out / text_file, out / vision_file, out / TOKENIZER_FILE, text_spec, vision_spec
+        out / text_file,
+        out / vision_file,
+        out / TOKENIZER_FILE,
+        text_spec,
+        vision_spec,
+        precision=precision,
     )
     pixels = towers.preprocess(images)
     text_parity = compare(reference.text, towers.encode_texts(PARITY_TEXTS))

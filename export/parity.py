@@ -121,7 +121,8 @@ def torch_reference(family: FamilyModel, images: Sequence[ParityImage]) -> Refer
     tokens = family.tokenize(list(PARITY_TEXTS))
     pixels = family.preprocess([Image.open(io.BytesIO(image.data)) for image in images])
     with torch.no_grad():
-        text = family.text_tower(*[tokens[name] for name in family.text_spec.inputs])
+        text_tower = family.text_tower if family.text_reference is None else family.text_reference
+        text = text_tower(*[tokens[name] for name in family.text_spec.inputs])
         image = family.vision_tower(pixels)
     return Reference(text=text.numpy(), image=image.numpy())
 
@@ -143,15 +144,26 @@ class OnnxTowers:
         tokenizer_file: Path,
         text_spec: TextSpec,
         vision_spec: VisionSpec,
+        *,
+        precision: str = "fp32",
     ) -> OnnxTowers:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # fp16 on CPU warns about every inserted Cast
         providers = ["CPUExecutionProvider"]
+        # ONNX Runtime 1.32's CPU NCHWc layout pass crashes (SIGSEGV) on OpenCLIP's fp16
+        # vision graph; it only re-lays out Convs for the CPU (fp16 is served on GPUs).
+        disabled = ["NchwcTransformer"] if precision == "fp16" else []
+
+        def session(path: Path) -> Any:
+            return ort.InferenceSession(
+                str(path), options, providers=providers, disabled_optimizers=disabled
+            )
+
         return cls(
-            text_session=ort.InferenceSession(str(text_file), options, providers=providers),
-            vision_session=ort.InferenceSession(str(vision_file), options, providers=providers),
+            text_session=session(text_file),
+            vision_session=session(vision_file),
             tokenizer=TextTokenizer(tokenizer_file, text_spec),
             preprocessor=ImagePreprocessor(vision_spec, fast_jpeg=False),
         )

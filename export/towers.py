@@ -8,6 +8,7 @@ Projections are left unnormalized: the server L2-normalizes.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,18 +22,74 @@ VISION_OUTPUT = "image_embeds"
 
 
 def export_text_tower(
-    tower: Any, path: Path, opset: int, examples: Sequence[torch.Tensor], names: Sequence[str]
+    tower: Any,
+    path: Path,
+    opset: int,
+    examples: Sequence[torch.Tensor],
+    names: Sequence[str],
+    *,
+    max_sequence: int | None = None,
 ) -> Path:
-    """int64 inputs `names`, each [batch, sequence] -> text_embeds float32 [batch, dim]."""
+    """int64 inputs `names`, each [batch, sequence] -> text_embeds float32 [batch, dim].
+
+    With `max_sequence`, through torch.export (dynamo), sequence lengths 2..max_sequence.
+    """
+    inputs = tuple(t.to(torch.int64) for t in examples)
+    if max_sequence is not None:
+        _export_dynamo(tower, inputs, path, opset, names=names, max_sequence=max_sequence)
+        return path
     _export(
         tower,
-        tuple(t.to(torch.int64) for t in examples),
+        inputs,
         path,
         opset,
         input_axes={name: {0: "batch", 1: "sequence"} for name in names},
         output_name=TEXT_OUTPUT,
     )
     return path
+
+
+def _export_dynamo(
+    module: torch.nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    *,
+    names: Sequence[str],
+    max_sequence: int,
+) -> None:
+    module.eval()
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence", min=2, max=max_sequence)
+    # Both announce, as warnings, the conversion to `opset`, which is what is asked.
+    loggers = [
+        logging.getLogger(name)
+        for name in ("onnxscript.version_converter", "torch.onnx._internal.exporter._compat")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                examples,
+                input_names=list(names),
+                output_names=[TEXT_OUTPUT],
+                dynamic_shapes=tuple({0: batch, 1: sequence} for _ in names),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+            assert program is not None
+            program.save(str(path))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_vision_tower(tower: Any, path: Path, opset: int, image_size: int) -> Path:
@@ -59,18 +116,25 @@ def _export(
     output_name: str,
 ) -> None:
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript tracing warns about every Python branch on shapes in transformers, and
-        # torch about the TorchScript exporter itself; the parity step checks the graphs.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            examples,
-            str(path),
-            input_names=list(input_axes),
-            output_names=[output_name],
-            dynamic_axes={**input_axes, output_name: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    # nn.MultiheadAttention's inference fast path (OpenCLIP's towers) is one fused op that
+    # has no ONNX form; the plain path computes the same.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript tracing warns about every Python branch on shapes in transformers,
+            # and torch about the TorchScript exporter itself; the parity step checks the graphs.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                examples,
+                str(path),
+                input_names=list(input_axes),
+                output_names=[output_name],
+                dynamic_axes={**input_axes, output_name: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

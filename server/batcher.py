@@ -183,6 +183,42 @@ class MicroBatcher(Generic[P, R]):
         `deadline` is a `time.monotonic()` instant; items still queued then are dropped with
         DeadlineExceeded. Cancelling the awaiting task drops its queued items.
         """
+        items = self._enqueue(payloads, priority, deadline)
+        if not items:
+            return []
+        try:
+            if len(items) == 1:  # most interactive calls: no gather future and callbacks
+                return [await items[0].future]
+            return list(await asyncio.gather(*(item.future for item in items)))
+        except BaseException:
+            # One item failed or the caller was cancelled: the rest are of no use to anyone.
+            for item in items:
+                item.future.cancel()
+            raise
+
+    async def submit_each(
+        self,
+        payloads: Sequence[P],
+        priority: Priority = Priority.INTERACTIVE,
+        deadline: float | None = None,
+    ) -> list[BatchResult[R] | BaseException]:
+        """Like `submit`, but each payload gets its own result or error: an item whose batch
+        failed does not cancel the others (a stream's group of items shares one call)."""
+        items = self._enqueue(payloads, priority, deadline)
+        if not items:
+            return []
+        futures = [item.future for item in items]
+        try:
+            await asyncio.wait(futures)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return [f.exception() or f.result() for f in futures]
+
+    def _enqueue(
+        self, payloads: Sequence[P], priority: Priority, deadline: float | None
+    ) -> list[_Item[P, R]]:
         if self._closed or self._arrived is None:
             raise Unavailable(f"{self.name} batcher is not running")
         if not payloads:
@@ -201,15 +237,7 @@ class MicroBatcher(Generic[P, R]):
         ]
         self._queues[priority].extend(items)
         self._arrived.set()
-        try:
-            if len(items) == 1:  # most interactive calls: no gather future and callbacks
-                return [await items[0].future]
-            return list(await asyncio.gather(*(item.future for item in items)))
-        except BaseException:
-            # One item failed or the caller was cancelled: the rest are of no use to anyone.
-            for item in items:
-                item.future.cancel()
-            raise
+        return items
 
     # --- the batching loop ---------------------------------------------------------------
 

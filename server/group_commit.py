@@ -90,6 +90,26 @@ class GroupCommit(Generic[P]):
             raise result.value.error
         return CommitTiming(result.timing.queue_us, result.value.store_us, result.timing.batch_size)
 
+    async def write_each(self, items: Sequence[P]) -> list[CommitTiming | ClipsearchError]:
+        """Commit `items` with the next batches: each one's timing, or its own error if it
+        was not written (one item's error does not touch the others)."""
+        results = await self._batcher.submit_each(items)
+        outcomes: list[CommitTiming | ClipsearchError] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, ClipsearchError):
+                    raise result  # the batcher turns every batch error into a domain error
+                outcomes.append(result)
+            elif result.value.error is not None:
+                outcomes.append(result.value.error)
+            else:
+                outcomes.append(
+                    CommitTiming(
+                        result.timing.queue_us, result.value.store_us, result.timing.batch_size
+                    )
+                )
+        return outcomes
+
     async def _run(self, items: list[P]) -> list[_Outcome]:
         started = time.perf_counter()
         try:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from clipsearch.server.batcher import Batcher, BatchResult, MicroBatcher, Priority
-from clipsearch.server.errors import ImageError
+from clipsearch.server.errors import ClipsearchError, ImageError
 from clipsearch.server.images import ImageLimits, ImagePreprocessor
 from clipsearch.server.store.validation import check_text_bytes
 from clipsearch.server.text import TextTokenizer, TokenizedText
@@ -57,6 +57,7 @@ class InferenceBackend(Protocol):
 
 
 TOKENIZE_CHUNK_CHARS = 16384
+PREPROCESS_CHUNK = 8  # images per pool call when a group is split across the pool's threads
 DEFAULT_MAX_TEXT_BYTES = 16384
 
 
@@ -155,6 +156,7 @@ class EncodingPipeline:
             prioritize=prioritize,
         )
         threads = preprocess_threads or min(8, os.cpu_count() or 1)
+        self.preprocess_threads = threads
         self._preprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
         self._tokenize_pool = ThreadPoolExecutor(
             min(4, os.cpu_count() or 1), thread_name_prefix="tokenize"
@@ -240,7 +242,60 @@ class EncodingPipeline:
             StageTiming(timing.queue_us, preprocess_us, timing.inference_us, timing.batch_size),
         )
 
+    async def tokenize_each(
+        self, texts: Sequence[str]
+    ) -> tuple[list[TokenizedText | ClipsearchError], int]:
+        """Each text checked, then the valid ones tokenized in one pool call per chunk: per
+        text its tokens or its own error, and the microseconds taken."""
+        started = time.perf_counter()
+        errors: dict[int, ClipsearchError] = {}
+        for index, text in enumerate(texts):
+            try:
+                self.check_texts([text])
+            except ClipsearchError as exc:
+                errors[index] = exc
+        loop = asyncio.get_running_loop()
+        tokens: list[TokenizedText] = []
+        for chunk in _chunks([t for i, t in enumerate(texts) if i not in errors]):
+            tokenize = functools.partial(self.tokenizer.tokenize, chunk)
+            tokens += await loop.run_in_executor(self._tokenize_pool, tokenize)
+        valid = iter(tokens)
+        results = [errors[i] if i in errors else next(valid) for i in range(len(texts))]
+        return results, int((time.perf_counter() - started) * 1e6)
+
     # --- images --------------------------------------------------------------------------
+
+    async def preprocess_images_each(
+        self, images: Sequence[bytes]
+    ) -> list[tuple[np.ndarray, int] | ClipsearchError]:
+        """Decode and resize several images in a few pool calls (one per pool thread, at
+        least PREPROCESS_CHUNK images each): per image its pixels and microseconds taken, or
+        its own error."""
+        loop = asyncio.get_running_loop()
+
+        def work(chunk: Sequence[bytes]) -> list[tuple[np.ndarray, int] | ClipsearchError]:
+            done: list[tuple[np.ndarray, int] | ClipsearchError] = []
+            for data in chunk:
+                started = time.perf_counter()
+                try:
+                    pixels = self.preprocessor(data)
+                except ClipsearchError as exc:
+                    done.append(exc)
+                    continue
+                done.append((pixels, int((time.perf_counter() - started) * 1e6)))
+            return done
+
+        if not images:
+            return []
+        parts = max(1, min(self.preprocess_threads, len(images) // PREPROCESS_CHUNK))
+        size = -(-len(images) // parts)
+        chunks = [images[i : i + size] for i in range(0, len(images), size)]
+        if len(chunks) == 1:
+            return await loop.run_in_executor(self._preprocess_pool, work, chunks[0])
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self._preprocess_pool, work, chunk) for chunk in chunks)
+        )
+        return [result for part in done for result in part]
 
     async def preprocess_image(self, data: bytes) -> tuple[np.ndarray, int]:
         """Decode and resize one image in the pool; returns pixels and microseconds taken."""

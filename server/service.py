@@ -26,7 +26,7 @@ from grpc import aio
 from clipsearch.server.async_store import AsyncStore
 from clipsearch.server.batcher import MicroBatcher, Priority
 from clipsearch.server.catalog import Catalog, ModelRef
-from clipsearch.server.errors import InvalidInput, NotFound, Unavailable
+from clipsearch.server.errors import InvalidInput, ModelMismatch, NotFound, Unavailable
 from clipsearch.server.ingest import (
     CollectionWriters,
     IngestItem,
@@ -118,6 +118,14 @@ class Runtime:
     def served(self, ref: ModelRef) -> ServedModel:
         return self.models[ref.name]
 
+    def vectors_model(self, model_id: str) -> ModelRef | None:
+        """The served model with this model id, if any (what a collection created for
+        vectors computed elsewhere is built with)."""
+        for model in self.models.values():
+            if model_id and model.ref.model_id == model_id:
+                return model.ref
+        return None
+
 
 def deadline_of(context: Context) -> float | None:
     remaining = context.time_remaining()
@@ -207,7 +215,19 @@ def ingest_item(request: pb.IngestRequest) -> IngestItem:
         uri=item.uri,
         caption=item.caption,
         metadata_json=item.metadata_json,
+        image_vector=item.image_vector.data,
+        caption_vector=item.caption_vector.data,
     )
+
+
+def refuse_other_vectors(options: IngestOptions, model: ModelRef) -> None:
+    """ModelMismatch if the stream's items carry vectors of another model than `model`."""
+    if options.vectors_model_id and options.vectors_model_id != model.model_id:
+        raise ModelMismatch(
+            f"the items' vectors were computed with model_id {options.vectors_model_id}; "
+            f"collection {options.collection!r} is for model {model}: ingest them into a "
+            "collection of their model, or re-encode them"
+        )
 
 
 def ingest_ack(outcome: ItemOutcome) -> pb.IngestAck:
@@ -417,6 +437,7 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         options = IngestOptions(
             collection=self._collection(first.options.collection),
             skip_existing=first.options.skip_existing,
+            vectors_model_id=first.options.vectors_model_id,
         )
         asked = rt.model(first.options.model).ref if first.options.model else None
         try:
@@ -424,8 +445,11 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         except NotFound:
             if not first.options.create_collection:
                 raise
-            await rt.catalog.create(options.collection, True, asked or rt.default.ref)
+            model = asked or rt.vectors_model(options.vectors_model_id) or rt.default.ref
+            refuse_other_vectors(options, model)  # before creating a collection for nothing
+            await rt.catalog.create(options.collection, True, model)
             ref, _ = await rt.catalog.guarded(options.collection, asked)
+        refuse_other_vectors(options, ref)
         session = IngestSession(
             rt.served(ref).pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
         )

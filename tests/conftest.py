@@ -47,12 +47,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServerProcess]:
-    """One real Milvus server, shared by the store tests of the whole session."""
-    from store_fixtures import MilvusServerProcess, milvus_server_executable
+def milvus_server_path() -> str:
+    """The `milvus-server` executable, for tests that start (and kill) a server of their own."""
+    from store_fixtures import milvus_server_executable
 
     executable = milvus_server_executable()
     if executable is None:
         pytest.skip("the real-server tests need milvus-server: pip install milvus (PyPI, 2.3.x)")
-    with MilvusServerProcess(tmp_path_factory.mktemp("milvus-server"), executable) as server:
+    return executable
+
+
+@pytest.fixture(scope="session")
+def milvus_server(
+    tmp_path_factory: pytest.TempPathFactory, milvus_server_path: str
+) -> Iterator[MilvusServerProcess]:
+    """One real Milvus server, shared by the store tests of the whole session."""
+    from store_fixtures import MilvusServerProcess
+
+    with MilvusServerProcess(
+        tmp_path_factory.mktemp("milvus-server"), milvus_server_path
+    ) as server:
         yield server

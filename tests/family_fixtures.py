@@ -73,16 +73,20 @@ def chinese_clip_checkpoint(factory: pytest.TempPathFactory) -> Path:
     return result
 
 
-def exported(factory: pytest.TempPathFactory, key: str, checkpoint: Path, **kwargs: Any) -> Path:
-    """The checkpoint exported as fp32, int8 and fp16 (the exporter has checked parity)."""
+def exported(
+    factory: pytest.TempPathFactory,
+    key: str,
+    checkpoint: Path,
+    precisions: tuple[str, ...] = ("fp32", "int8", "fp16"),
+    **kwargs: Any,
+) -> Path:
+    """The checkpoint exported as `precisions` (the exporter has checked parity)."""
 
     def build(root: Path) -> Path:
         from clipsearch.export.exporter import export_bundle
 
         out = root / "bundle"
-        export_bundle(
-            checkpoint, out, precisions=("fp32", "int8", "fp16"), progress=lambda _: None, **kwargs
-        )
+        export_bundle(checkpoint, out, precisions=precisions, progress=lambda _: None, **kwargs)
         return out
 
     result: Path = _once("bundle-" + key, factory, build)
@@ -263,71 +267,23 @@ OPENCLIP_CFG = {
 }
 
 
-def openclip_state_dict(seed: int = 0) -> dict[str, Any]:
-    """Random weights in OpenCLIP's (OpenAI CLIP's) parameter layout for OPENCLIP_CFG."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    cfg = OPENCLIP_CFG["model_cfg"]
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]  # type: ignore[index]
-
-    def rand(*shape: int, scale: float = 0.2) -> Any:
-        return torch.randn(*shape, generator=generator) * scale
-
-    def blocks(prefix: str, width: int, layers: int) -> dict[str, Any]:
-        out = {}
-        for i in range(layers):
-            p = f"{prefix}transformer.resblocks.{i}."
-            out |= {
-                p + "ln_1.weight": 1 + rand(width, scale=0.1),
-                p + "ln_1.bias": rand(width, scale=0.1),
-                p + "attn.in_proj_weight": rand(3 * width, width),
-                p + "attn.in_proj_bias": rand(3 * width, scale=0.1),
-                p + "attn.out_proj.weight": rand(width, width),
-                p + "attn.out_proj.bias": rand(width, scale=0.1),
-                p + "ln_2.weight": 1 + rand(width, scale=0.1),
-                p + "ln_2.bias": rand(width, scale=0.1),
-                p + "mlp.c_fc.weight": rand(4 * width, width),
-                p + "mlp.c_fc.bias": rand(4 * width, scale=0.1),
-                p + "mlp.c_proj.weight": rand(width, 4 * width),
-                p + "mlp.c_proj.bias": rand(width, scale=0.1),
-            }
-        return out
-
-    vw, tw = vision["width"], text["width"]
-    grid = (vision["image_size"] // vision["patch_size"]) ** 2
-    state = {
-        "visual.conv1.weight": rand(vw, 3, vision["patch_size"], vision["patch_size"]),
-        "visual.class_embedding": rand(vw),
-        "visual.positional_embedding": rand(grid + 1, vw),
-        "visual.ln_pre.weight": 1 + rand(vw, scale=0.1),
-        "visual.ln_pre.bias": rand(vw, scale=0.1),
-        "visual.ln_post.weight": 1 + rand(vw, scale=0.1),
-        "visual.ln_post.bias": rand(vw, scale=0.1),
-        "visual.proj": rand(vw, PROJECTION),
-        "token_embedding.weight": rand(text["vocab_size"], tw),
-        "positional_embedding": rand(text["context_length"], tw),
-        "ln_final.weight": 1 + rand(tw, scale=0.1),
-        "ln_final.bias": rand(tw, scale=0.1),
-        "text_projection": rand(tw, PROJECTION),
-        "logit_scale": torch.tensor(4.6052),
-    }
-    state |= blocks("visual.", vw, vision["layers"]) | blocks("", tw, text["layers"])
-    return state
-
-
 def openclip_checkpoint(factory: pytest.TempPathFactory) -> Path:
-    """open_clip_config.json + open_clip_model.safetensors, as the LAION repositories hold."""
+    """open_clip_config.json + open_clip_model.safetensors, as the LAION repositories hold,
+    with OpenCLIP's own random initialisation of OPENCLIP_CFG (open_clip.CLIP)."""
 
     def build(root: Path) -> Path:
         import json
 
+        import open_clip
+        import torch
         from safetensors.torch import save_file
 
         out = root / "tiny-openclip"
         out.mkdir()
         (out / "open_clip_config.json").write_text(json.dumps(OPENCLIP_CFG))
-        save_file(openclip_state_dict(), out / "open_clip_model.safetensors")
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**OPENCLIP_CFG["model_cfg"])  # type: ignore[arg-type]
+        save_file(model.state_dict(), out / "open_clip_model.safetensors")
         return out
 
     result: Path = _once("openclip_checkpoint", factory, build)

@@ -304,3 +304,25 @@ async def test_stress_many_tasks_every_result_correct_nothing_leaked() -> None:
     )
     assert max(fake.batch_sizes) <= 16
     await b.close()
+
+
+async def test_submit_each_fails_only_the_items_of_the_failed_batch() -> None:
+    batches: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        batches.append(items)
+        if 3 in items:
+            raise RuntimeError("this batch broke")
+        return [i * 10 for i in items]
+
+    batcher: Batcher[int, int] = Batcher("t", run, max_batch_size=2, max_wait_ms=50.0)
+    await batcher.start()
+    try:
+        results = await batcher.submit_each([1, 2, 3, 4, 5], Priority.BULK)
+    finally:
+        await batcher.close()
+    assert batches == [[1, 2], [3, 4], [5]]
+    values = [r if isinstance(r, BaseException) else r.value for r in results]
+    assert values[:2] == [10, 20] and values[4] == 50
+    assert all(isinstance(v, InferenceError) for v in values[2:4])
+    assert [r.timing.batch_size for r in results if not isinstance(r, BaseException)] == [2, 2, 1]

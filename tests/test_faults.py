@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from server_fixtures import ThreadedServer, quick_settings
-from store_fixtures import MilvusServerProcess, milvus_server_executable
+from store_fixtures import MilvusServerProcess
 
 from clipsearch.bench.faults import (
     BackgroundIngest,
@@ -258,10 +258,10 @@ def test_a_stream_opened_while_draining_takes_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_milvus_killed_and_restarted_mid_ingest_loses_nothing(tmp_path: Path) -> None:
-    executable = milvus_server_executable()
-    assert executable is not None, "milvus-server is not installed (pip install milvus)"
-    milvus = MilvusServerProcess(tmp_path / "milvus", executable)
+def test_milvus_killed_and_restarted_mid_ingest_loses_nothing(
+    tmp_path: Path, milvus_server_path: str
+) -> None:
+    milvus = MilvusServerProcess(tmp_path / "milvus", milvus_server_path)
     milvus.start()
     settings = quick_settings(
         tmp_path / "unused.db", milvus_uri=milvus.uri, store_probe_s=0.3, store_retry_s=5.0

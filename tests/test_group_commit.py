@@ -205,3 +205,22 @@ async def test_with_two_workers_a_refused_batch_still_fails_only_the_bad_row(
     assert ["poison"] in store.upserts
     assert store.inner.count("c") == 12
     assert store.inner.existing_ids("c", ids) == set(ids) - {"poison"}
+
+
+async def test_write_each_gives_every_item_its_own_outcome(
+    refusing: tuple[RefusingStore, AsyncStore],
+) -> None:
+    store, async_store = refusing
+    writers = CollectionWriters(async_store, batch=4, wait_ms=50.0, max_queue=100)
+    ids = ["a", "b", "poison", "c", "d", "e"]
+    try:
+        outcomes = await writers.write_each("c", [stored(i, n) for n, i in enumerate(ids)])
+    finally:
+        await writers.close()
+    errors = {i: o for i, o in zip(ids, outcomes, strict=True) if isinstance(o, ClipsearchError)}
+    assert list(errors) == ["poison"] and isinstance(errors["poison"], InvalidInput)
+    # One call for the whole group: batches of 4 and 2, the refused one then row by row.
+    assert store.upserts == [["a", "b", "poison", "c"], ["a"], ["b"], ["poison"], ["c"], ["d", "e"]]
+    sizes = [o.batch_size for o in outcomes if not isinstance(o, ClipsearchError)]
+    assert sizes == [4, 4, 4, 2, 2]
+    assert store.inner.existing_ids("c", ids) == set(ids) - {"poison"}

@@ -1,8 +1,8 @@
 """Server-side image preprocessing vs transformers' CLIPImageProcessor (max abs diff <= 1e-4).
 
-In transformers 5.23 `CLIPImageProcessor` is the torchvision backend (not installed here; it
-falls back to the PIL one with a warning) and `CLIPImageProcessorPil` is the PIL backend, the
-one every CLIP checkpoint was trained and evaluated with. The reference is the PIL one.
+In transformers 5.23 `CLIPImageProcessor` is the torchvision backend (torchvision comes with
+the [export] extra, for OpenCLIP) and `CLIPImageProcessorPil` is the PIL backend, the one
+every CLIP checkpoint was trained and evaluated with. The reference is the PIL one.
 """
 
 from __future__ import annotations

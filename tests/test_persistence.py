@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pymilvus import MilvusClient
 from server_fixtures import ThreadedServer, quick_settings
-from store_fixtures import MilvusServerProcess, milvus_server_executable
+from store_fixtures import MilvusServerProcess
 
 from clipsearch.client import Client
 from clipsearch.export.demo_data import generate_gallery
@@ -49,13 +49,12 @@ def load_states(uri: str, names: list[str]) -> dict[str, str]:
         milvus.close()
 
 
-def test_collections_survive_restarts_of_clipsearch_and_milvus(tmp_path: Path) -> None:
-    executable = milvus_server_executable()
-    if executable is None:
-        pytest.skip("needs milvus-server: pip install milvus (PyPI, 2.3.x)")
+def test_collections_survive_restarts_of_clipsearch_and_milvus(
+    tmp_path: Path, milvus_server_path: str
+) -> None:
     gallery = tmp_path / "gallery"
     generate_gallery(gallery, N, seed=21)
-    milvus = MilvusServerProcess(tmp_path / "milvus", executable)
+    milvus = MilvusServerProcess(tmp_path / "milvus", milvus_server_path)
     milvus.start()
     try:
         settings = quick_settings(tmp_path / "unused.db", milvus_uri=milvus.uri, index_type="HNSW")

@@ -19,7 +19,6 @@ from pymilvus import MilvusClient
 from store_fixtures import (
     MilvusServerProcess,
     free_port,
-    milvus_server_executable,
     stored_items,
     unit_vectors,
 )
@@ -440,11 +439,10 @@ def test_unreachable_server_is_unavailable_fast() -> None:
 
 
 @pytest.mark.slow  # starts its own Milvus server (~10 s) to stop it under a connected store
-def test_server_stopping_under_a_store_gives_unavailable(tmp_path: Path) -> None:
-    executable = milvus_server_executable()
-    if executable is None:
-        pytest.skip("needs milvus-server: pip install milvus (PyPI, 2.3.x)")
-    server = MilvusServerProcess(tmp_path / "doomed", executable)
+def test_server_stopping_under_a_store_gives_unavailable(
+    tmp_path: Path, milvus_server_path: str
+) -> None:
+    server = MilvusServerProcess(tmp_path / "doomed", milvus_server_path)
     server.start()
     try:
         store = MilvusStore(server.uri, token="root:s3cret-token", timeout_s=5)

@@ -104,3 +104,38 @@ def test_output_fields_and_the_result_window_have_one_definition() -> None:
     check_window(1, limits.MAX_RESULT_WINDOW - 1)
     with pytest.raises(InvalidInput, match=f"at most {limits.MAX_RESULT_WINDOW}"):
         check_window(1, limits.MAX_RESULT_WINDOW)
+
+
+def test_checking_many_items_at_once_is_checking_each() -> None:
+    rng = np.random.default_rng(3)
+    unit = rng.standard_normal((4, 8)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    items = [
+        StoredItem("fine", image_vector=unit[0], caption_vector=unit[1]),
+        StoredItem("long", image_vector=unit[2] * 3),  # normalized, as one at a time
+        StoredItem("nan", image_vector=np.full(8, np.nan, np.float32)),
+        StoredItem("short", image_vector=unit[3][:4]),
+        StoredItem("no-image", caption_vector=unit[3]),
+        StoredItem("bad-caption", image_vector=unit[3], caption_vector=np.zeros(8, np.float32)),
+        StoredItem("float64", image_vector=unit[3].astype(np.float64)),
+    ]
+    together = validation.check_vectors_each(items, 8)
+    for item, result in zip(items, together, strict=True):
+        try:
+            alone: StoredItem | InvalidInput = validation.check_vectors(item, 8)
+        except InvalidInput as exc:
+            alone = exc
+        assert type(result) is type(alone), item.id
+        if isinstance(alone, InvalidInput):
+            assert str(result) == str(alone)
+        else:
+            assert isinstance(result, StoredItem)
+            assert result.image_vector is not None and alone.image_vector is not None
+            np.testing.assert_array_equal(result.image_vector, alone.image_vector)
+            assert result.image_vector.dtype == np.float32
+    assert [type(r).__name__ for r in together] == ["StoredItem"] * 2 + ["InvalidInput"] * 4 + [
+        "StoredItem"
+    ]
+    with pytest.raises(InvalidInput, match="'nan'"):
+        validation.check_items(items, 8)
+    assert validation.check_items(items[:2], 8)[1].image_vector == pytest.approx(unit[2])

@@ -2,7 +2,7 @@
 
     load_family(checkpoint, revision, vision=None) -> FamilyModel
 
-- a directory with `open_clip_config.json`: OpenCLIP (`openclip`);
+- a directory with `open_clip_config.json`, or `hf-hub:ORG/REPO` (downloaded): OpenCLIP;
 - with `vision`: a sentence-transformers text model paired with a CLIP vision tower
   (`multilingual`);
 - otherwise the transformers config's model_type: "clip", "chinese_clip", "siglip".
@@ -18,8 +18,8 @@ from clipsearch.export.families.base import ExportError, FamilyModel, hf_kwargs
 SUPPORTED = (
     "CLIP (CLIPModel, model_type 'clip'), Chinese-CLIP (ChineseCLIPModel, 'chinese_clip'), "
     "SigLIP (SiglipModel, 'siglip'), OpenCLIP directories (open_clip_config.json + "
-    "open_clip_model.safetensors), and a sentence-transformers text model paired with a "
-    "CLIP vision tower (--text CKPT --vision CKPT)"
+    "open_clip_model.safetensors) or hf-hub:ORG/REPO names, and a sentence-transformers "
+    "text model paired with a CLIP vision tower (--text CKPT --vision CKPT)"
 )
 
 
@@ -30,6 +30,10 @@ def load_family(
         from clipsearch.export.families import multilingual
 
         return multilingual.load(checkpoint, vision, revision)
+    if str(checkpoint).startswith("hf-hub:"):
+        from clipsearch.export.families import openclip
+
+        return openclip.load(openclip.download(str(checkpoint), revision))
     path = Path(str(checkpoint))
     if (path / "open_clip_config.json").is_file():
         from clipsearch.export.families import openclip

@@ -38,6 +38,12 @@ class FamilyModel:
     tokenize: Tokenize
     preprocess: Preprocess
     sources: dict[str, str] = field(default_factory=dict)
+    # What the family's users run on `tokenize`'s output, where the exported text tower is a
+    # cut of it (OpenCLIP: encode_text on 77-token rows); None: text_tower itself.
+    text_reference: Any = None
+    # Export the text tower with torch.export (dynamo) instead of the TorchScript trace, which
+    # fixes nn.MultiheadAttention's sequence length (OpenCLIP) at the example's.
+    text_export_dynamo: bool = False
 
 
 class Tower:

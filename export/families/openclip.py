@@ -1,303 +1,223 @@
 """OpenCLIP checkpoints from a local directory (laion/CLIP-ViT-B-32-laion2B-s34B-b79K layout).
 
 The directory holds `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) and
-`open_clip_model.safetensors` (or `open_clip_pytorch_model.bin`). The standard OpenCLIP ViT
-(the architecture of OpenAI's CLIP: pre-LN ViT with a class token, causal text transformer
-pooled at the end token, linear projections without bias) maps one to one onto transformers'
-`CLIPModel`, so the weights are converted into one and exported like any CLIP; anything else
-(timm or Hugging Face towers, layer scale, attentional pooling, custom attention blocks, other
-tokenizers) is refused with the keys that differ.
+`open_clip_model.safetensors` (or another weight file OpenCLIP finds there). OpenCLIP itself
+(`open_clip_torch`, in the [export] extra) builds the model from it
+(`create_model_and_transforms("local-dir:DIR")`, no hub), and gives the reference side: its
+`encode_text` / `encode_image`, its tokenizer (`get_tokenizer("local-dir:DIR")`) and its eval
+image transform (torchvision). The exported graphs are `encode_image` as is and the text
+tower of `encode_text` cut to the batch's length (see `_TextTower`); the parity gate compares
+them with `encode_text` on OpenCLIP's own 77-token rows.
 
-Reading the checkpoint needs no `open_clip` package (it imports torchvision, whose PyPI wheels
-are built for the CUDA torch). The tokenizer is OpenAI's BPE (the vendored vocabulary,
-export/assets), which is OpenCLIP's `SimpleTokenizer`; the image rule is OpenCLIP's eval
-transform (torchvision): shortest-edge resize (bicubic unless configured) and a centre crop
-rounding its offsets, or a squash; resized in the image's own mode, converted to RGB last.
+The tokenizer must be OpenCLIP's `SimpleTokenizer` (OpenAI's BPE): tokenizer.json is built
+from its vocabulary and merges, with its text cleaning as a `tokenizers` normalizer (see
+`tokenizer_json`). Models with a Hugging Face tokenizer or text tower are refused.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from clipsearch.export.families import clip
-from clipsearch.export.families.base import (
-    ExportError,
-    FamilyModel,
-    Tower,
-    backend_json,
-    hf_tokenize,
-    three,
-)
-from clipsearch.server.bundle import VisionSpec
+from clipsearch.export.families.base import ExportError, FamilyModel, Tower, three
+from clipsearch.server.bundle import TextSpec, VisionSpec
 
 FAMILY = "openclip"
 CONFIG_FILE = "open_clip_config.json"
+# What `download` fetches besides the config, in order of preference (the LAION repositories
+# hold both; one is enough).
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# Keys whose value must be OpenCLIP's default for the ViT to be CLIPModel's architecture.
-_VISION_DEFAULTS: dict[str, Any] = {
-    "ls_init_value": None,
-    "attentional_pool": False,
-    "no_ln_pre": False,
-    "pool_type": "tok",
-    "final_ln_after_pool": False,
-    "output_tokens": False,
-    "timm_model_name": None,
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "pos_embed_type": "learnable",
-}
-_VISION_SHAPE = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
-_VISION_TRAINING = {"patch_dropout", "emb_dropout"}  # no effect at inference
-_TEXT_DEFAULTS: dict[str, Any] = {
-    "hf_tokenizer_name": None,
-    "tokenizer_mode": None,
-    "tokenizer_kwargs": None,
-    "ls_init_value": None,
-    "embed_cls": False,
-    "pad_id": 0,
-    "no_causal_mask": False,
-    "final_ln_after_pool": False,
-    "pool_type": "argmax",
-    "proj_bias": False,
-    "proj_type": "linear",
-    "output_tokens": False,
-    "act_kwargs": None,
-    "norm_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "hf_model_name": None,
-}
-_TEXT_SHAPE = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
-_TEXT_IGNORED = {"eos_id", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
-_MODEL_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}
-_MODEL_IGNORED = {"init_logit_scale", "init_logit_bias", "cast_dtype"}
+HUB_PREFIX = "hf-hub:"
+# OpenCLIP's SimpleTokenizer regex, case-insensitive as there ("'ſ" is "'s" to it).
+SIMPLE_PATTERN = (
+    r"(?i)<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+# Pooling positions a shorter (batch-longest) padding cannot move: the end token by id, or
+# the start. "last" pools the final position, so it needs the full context.
+_TRIMMABLE_POOLING = ("argmax", "eos", "first")
 
 
 def load(directory: str | Path) -> FamilyModel:
-    from clipsearch.export.tokenizers import CONTEXT_LENGTH, VOCAB_SIZE, clip_tokenizer
-
-    root = Path(directory)
-    raw = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
-    model_cfg: dict[str, Any] = raw.get("model_cfg", raw)
-    preprocess_cfg: dict[str, Any] = raw.get("preprocess_cfg", {})
-    _check_supported(model_cfg)
-    text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
-    vocab = int(text_cfg.get("vocab_size", VOCAB_SIZE))
-    context = int(text_cfg.get("context_length", CONTEXT_LENGTH))
-    if vocab != VOCAB_SIZE or context != CONTEXT_LENGTH:
+    try:
+        import open_clip
+    except ImportError as exc:
         raise ExportError(
-            f"OpenCLIP text vocab {vocab} / context {context}: only OpenAI's BPE "
-            f"({VOCAB_SIZE} tokens, context {CONTEXT_LENGTH}) is supported"
+            "OpenCLIP checkpoints need the open_clip_torch package (and torchvision): "
+            "pip install 'clipsearch[export]'"
+        ) from exc
+
+    root = Path(directory).resolve()
+    model_cfg = _model_cfg(root)
+    _check_text_cfg(model_cfg.get("text_cfg", {}))
+    name = f"local-dir:{root}"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, precision="fp32", device="cpu", require_pretrained=True
         )
-    model = to_clip_model(model_cfg, load_state_dict(root))
-    with tempfile.TemporaryDirectory(prefix="clipsearch-openclip-") as scratch:
-        tokenizer = clip_tokenizer(scratch)
-    spec = clip.text_spec(model, tokenizer)
-    vision = vision_spec(preprocess_cfg, int(vision_cfg.get("image_size", 224)))
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, AssertionError) as exc:
+        detail = str(exc) if len(str(exc)) <= 500 else str(exc)[:500] + " ..."
+        raise ExportError(f"OpenCLIP could not load {root}: {detail}") from exc
+    model.eval()
+    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        raise ExportError(
+            f"the OpenCLIP tokenizer of {root} is {type(tokenizer).__name__}; only OpenCLIP's "
+            "SimpleTokenizer (OpenAI's BPE) is supported"
+        )
+    spec, text_tower = text_part(model, tokenizer)
     return FamilyModel(
         family=FAMILY,
-        text_tower=Tower.make(
-            model, spec.inputs, lambda m, input_ids: m.get_text_features(input_ids=input_ids)
-        ),
+        text_tower=text_tower,
         vision_tower=Tower.make(
-            model,
-            ("pixel_values",),
-            lambda m, pixel_values: m.get_image_features(pixel_values=pixel_values),
+            model, ("pixel_values",), lambda m, pixel_values: m.encode_image(pixel_values)
         ),
         text_spec=spec,
-        vision_spec=vision,
-        tokenizer_json=backend_json(tokenizer),
-        tokenize=hf_tokenize(tokenizer, spec.context_length, spec.inputs),
-        preprocess=lambda images: _stack(eval_transform(vision, images)),
+        vision_spec=vision_spec(model.visual.preprocess_cfg),
+        tokenizer_json=tokenizer_json(tokenizer),
+        tokenize=_tokenize(tokenizer, trim=spec.padding == "longest"),
+        preprocess=_preprocess(preprocess),
+        text_reference=Tower.make(model, ("input_ids",), _encode_text_padded),
+        # The trace fixes nn.MultiheadAttention's sequence length: fine at the full context.
+        text_export_dynamo=spec.padding == "longest",
     )
 
 
-def _check_supported(model_cfg: dict[str, Any]) -> None:
-    problems = [f"model_cfg.{k}" for k in model_cfg if k not in _MODEL_KEYS | _MODEL_IGNORED]
-    if model_cfg.get("custom_text") not in (None, False):
-        problems.append("model_cfg.custom_text")
-    for name, cfg, defaults, shape, ignored in (
-        (
-            "vision_cfg",
-            model_cfg.get("vision_cfg", {}),
-            _VISION_DEFAULTS,
-            _VISION_SHAPE,
-            _VISION_TRAINING,
-        ),
-        ("text_cfg", model_cfg.get("text_cfg", {}), _TEXT_DEFAULTS, _TEXT_SHAPE, _TEXT_IGNORED),
-    ):
-        for key, value in cfg.items():
-            if key in shape or key in ignored:
+def download(name: str, revision: str = "") -> Path:
+    """`hf-hub:ORG/REPO` (OpenCLIP's name for a hub checkpoint) into the Hugging Face cache:
+    its config and one weight file (safetensors first). Returns the snapshot directory."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = name.removeprefix(HUB_PREFIX)
+    try:
+        config = Path(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
+        for weights in WEIGHT_FILES:
+            try:
+                hf_hub_download(repo, weights, revision=revision or None)
+                return config.parent
+            except EntryNotFoundError:
                 continue
-            if key not in defaults or value not in (defaults[key], {}):
-                problems.append(f"{name}.{key}={value!r}")
-    if not isinstance(model_cfg.get("vision_cfg", {}).get("image_size", 224), int):
-        problems.append("vision_cfg.image_size (not square)")
+    except Exception as exc:  # huggingface_hub: network, offline mode, missing repo or file
+        raise ExportError(f"cannot download the OpenCLIP checkpoint {name}: {exc}") from exc
+    raise ExportError(f"{name} has none of the OpenCLIP weight files {', '.join(WEIGHT_FILES)}")
+
+
+def _tokenize(tokenizer: Any, *, trim: bool) -> Callable[[Sequence[str]], dict[str, Any]]:
+    """OpenCLIP's tokenizer: rows of context_length ids, zeros after the end token; with
+    `trim`, cut to the batch's longest row (only zeros go), as the server pads."""
+
+    def tokenize(texts: Sequence[str]) -> dict[str, Any]:
+        ids = tokenizer(list(texts))
+        if trim:
+            filled = (ids != 0).int()
+            ends = ids.shape[1] - filled.flip(1).argmax(1)  # one past each row's last token
+            ids = ids[:, : int(ends.max())]
+        return {"input_ids": ids}
+
+    return tokenize
+
+
+def _encode_text_padded(model: Any, input_ids: Any) -> Any:
+    """`encode_text` on the rows OpenCLIP's tokenizer gave, zeros restored to the context."""
+    import torch
+
+    width = int(model.context_length) - input_ids.shape[1]
+    return model.encode_text(torch.nn.functional.pad(input_ids, (0, width)))
+
+
+def _model_cfg(root: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {root / CONFIG_FILE}: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_cfg"), dict):
+        raise ExportError(f"{root / CONFIG_FILE} has no model_cfg (OpenCLIP's hub layout)")
+    model_cfg: dict[str, Any] = raw["model_cfg"]
+    return model_cfg
+
+
+def _check_text_cfg(text_cfg: dict[str, Any]) -> None:
+    """Refuse, before building anything, what needs a hub or a tokenizer we do not convert."""
+    problems = [
+        f"text_cfg.{key}={text_cfg[key]!r}"
+        for key in ("hf_model_name", "hf_tokenizer_name")
+        if text_cfg.get(key)
+    ]
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    if kwargs.pop("clean", "lower") != "lower" or kwargs:
+        problems.append(f"text_cfg.tokenizer_kwargs={text_cfg['tokenizer_kwargs']!r}")
     if problems:
         raise ExportError(
-            "this OpenCLIP model is not the standard ViT + text transformer that clipsearch "
-            f"converts (differs in: {', '.join(problems)}); supported: OpenCLIP ViT models "
+            "this OpenCLIP model's text side is not OpenCLIP's own text transformer with its "
+            f"SimpleTokenizer (differs in: {', '.join(problems)}); supported: OpenCLIP models "
             "such as ViT-B-32 (laion/CLIP-ViT-B-32-laion2B-s34B-b79K); for SigLIP export the "
             "transformers SiglipModel checkpoint instead"
         )
 
 
-def load_state_dict(root: Path) -> dict[str, Any]:
-    import torch
-
-    for name in WEIGHT_FILES:
-        path = root / name
-        if path.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return dict(load_file(str(path)))
-            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-            return dict(state.get("state_dict", state))
-    raise ExportError(f"no OpenCLIP weights in {root} (looked for {', '.join(WEIGHT_FILES)})")
-
-
-def to_clip_model(model_cfg: dict[str, Any], state: dict[str, Any]) -> Any:
-    """transformers' CLIPModel holding the OpenCLIP weights."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    from clipsearch.export.tokenizers import BOS_ID, CONTEXT_LENGTH, EOS_ID, VOCAB_SIZE
-
-    text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
-    embed_dim = int(model_cfg["embed_dim"])
-    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
-    v_width = int(vision_cfg.get("width", 768))
-    t_width = int(text_cfg.get("width", 512))
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": t_width,
-            "intermediate_size": int(t_width * float(text_cfg.get("mlp_ratio", 4.0))),
-            "num_hidden_layers": int(text_cfg.get("layers", 12)),
-            "num_attention_heads": int(text_cfg.get("heads", 8)),
-            "max_position_embeddings": CONTEXT_LENGTH,
-            "hidden_act": act,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-            "pad_token_id": EOS_ID,
-            "projection_dim": embed_dim,
-        },
-        vision_config={
-            "hidden_size": v_width,
-            "intermediate_size": int(v_width * float(vision_cfg.get("mlp_ratio", 4.0))),
-            "num_hidden_layers": int(vision_cfg.get("layers", 12)),
-            "num_attention_heads": v_width // int(vision_cfg.get("head_width", 64)),
-            "image_size": int(vision_cfg.get("image_size", 224)),
-            "patch_size": int(vision_cfg.get("patch_size", 32)),
-            "hidden_act": act,
-            "projection_dim": embed_dim,
-        },
-        projection_dim=embed_dim,
+def text_part(model: Any, tokenizer: Any) -> tuple[TextSpec, Any]:
+    """The text spec and the tower to export: trimmed to the batch where padding is inert."""
+    context = int(model.context_length)
+    bos, eos = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
+    pool = str(getattr(model, "text_pool_type", ""))
+    if pool == "argmax" and eos != max(tokenizer.encoder.values()):
+        raise ExportError(f"the text tower pools at the largest id, but the end token {eos} is not")
+    causal = getattr(model, "attn_mask", None) is not None
+    trimmable = hasattr(model, "positional_embedding") and causal and pool in _TRIMMABLE_POOLING
+    spec = TextSpec(
+        context_length=context,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=0,  # OpenCLIP pads with zeros
+        padding="longest" if trimmable else "max_length",
     )
-    model: Any = CLIPModel(config)
-    model.set_attn_implementation("eager")
-    converted = convert_state_dict(state)
-    try:
-        missing, unexpected = model.load_state_dict(converted, strict=False)
-    except RuntimeError as exc:
-        raise ExportError(f"the OpenCLIP weights do not fit their config: {exc}") from exc
-    missing = [k for k in missing if not k.endswith("position_ids") and k != "logit_scale"]
-    if missing or unexpected:
-        raise ExportError(
-            f"the OpenCLIP weights do not map onto CLIP: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+    if not trimmable:
+        return spec, Tower.make(
+            model, ("input_ids",), lambda m, input_ids: m.encode_text(input_ids)
         )
-    model.eval()
-    with torch.no_grad():
-        model.logit_scale.copy_(state.get("logit_scale", model.logit_scale))
-    return model
+    return spec, _text_tower(model)
 
 
-def convert_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """OpenCLIP (OpenAI CLIP layout) parameter names and shapes -> transformers' CLIPModel."""
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        if key in ("attn_mask", "logit_bias", "logit_scale") or key.endswith(".attn_mask"):
-            continue
-        if key.startswith("visual."):
-            out.update(_convert(key.removeprefix("visual."), value, vision=True))
-        else:
-            out.update(_convert(key, value, vision=False))
-    return out
+def _text_tower(model: Any) -> Any:
+    """`CLIP.encode_text` for any length up to the context.
+
+    OpenCLIP adds all `context_length` positional embeddings and the full causal mask, so its
+    input is always padded to 77; under the causal mask the positions after the pooled token
+    cannot change it, so the graph slices both to the input's length instead.
+    """
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    class _TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> Any:
+            m = self.model
+            n = input_ids.shape[1]
+            x = m.token_embedding(input_ids) + m.positional_embedding[:n]
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+            x = text_global_pool(x, input_ids, m.text_pool_type, eos_token_id=m.text_eos_id)
+            if isinstance(m.text_projection, torch.nn.Linear):
+                return m.text_projection(x)
+            return x if m.text_projection is None else x @ m.text_projection
+
+    tower = _TextTower()
+    tower.eval()
+    return tower
 
 
-def _convert(key: str, value: Any, *, vision: bool) -> dict[str, Any]:
-    tower = "vision_model" if vision else "text_model"
-    direct = {
-        "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-        "class_embedding": "vision_model.embeddings.class_embedding",
-        "positional_embedding": f"{tower}.embeddings.position_embedding.weight",
-        "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-        "ln_pre.weight": "vision_model.pre_layrnorm.weight",
-        "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-        "ln_post.weight": "vision_model.post_layernorm.weight",
-        "ln_post.bias": "vision_model.post_layernorm.bias",
-        "ln_final.weight": "text_model.final_layer_norm.weight",
-        "ln_final.bias": "text_model.final_layer_norm.bias",
-    }
-    if key in direct:
-        return {direct[key]: value}
-    if key == "proj":
-        return {"visual_projection.weight": value.T.contiguous()}
-    if key == "text_projection":
-        return {"text_projection.weight": value.T.contiguous()}
-    if key.startswith("transformer.resblocks."):
-        index, rest = key.removeprefix("transformer.resblocks.").split(".", 1)
-        layer = f"{tower}.encoder.layers.{index}."
-        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            kind = rest.rsplit("_", 1)[-1]
-            q, k, v = value.chunk(3, dim=0)
-            return {
-                f"{layer}self_attn.{name}_proj.{kind}": part.contiguous()
-                for name, part in (("q", q), ("k", k), ("v", v))
-            }
-        renames = {
-            "attn.out_proj.": "self_attn.out_proj.",
-            "ln_1.": "layer_norm1.",
-            "ln_2.": "layer_norm2.",
-            "mlp.c_fc.": "mlp.fc1.",
-            "mlp.c_proj.": "mlp.fc2.",
-        }
-        for old, new in renames.items():
-            if rest.startswith(old):
-                return {layer + new + rest.removeprefix(old): value}
-    raise ExportError(f"unexpected OpenCLIP parameter {'visual.' if vision else ''}{key}")
-
-
-def vision_spec(preprocess_cfg: dict[str, Any], image_size: int) -> VisionSpec:
-    size = preprocess_cfg.get("size", image_size)
+def vision_spec(preprocess_cfg: dict[str, Any]) -> VisionSpec:
+    """OpenCLIP's eval transform as a VisionSpec: shortest edge + centre crop (torchvision's
+    rounded offsets) or a squash; resized in the image's own mode, converted to RGB last."""
+    size = preprocess_cfg.get("size", 224)
     if isinstance(size, list | tuple):
         if len(set(size)) != 1:
             raise ExportError(f"OpenCLIP preprocess size {size} is not square")
         size = size[0]
-    if int(size) != image_size:
-        raise ExportError(f"OpenCLIP preprocess size {size} differs from the tower's {image_size}")
     interpolation = preprocess_cfg.get("interpolation", "bicubic")
     resize_mode = preprocess_cfg.get("resize_mode", "shortest")
     if resize_mode not in ("shortest", "squash") or interpolation not in ("bicubic", "bilinear"):
@@ -307,10 +227,10 @@ def vision_spec(preprocess_cfg: dict[str, Any], image_size: int) -> VisionSpec:
         )
     squash = resize_mode == "squash"
     return VisionSpec(
-        image_size=image_size,
-        resize_shortest_edge=image_size,
-        mean=three(preprocess_cfg.get("mean", OPENAI_MEAN)),
-        std=three(preprocess_cfg.get("std", OPENAI_STD)),
+        image_size=int(size),
+        resize_shortest_edge=int(size),
+        mean=three(preprocess_cfg["mean"]),
+        std=three(preprocess_cfg["std"]),
         resample=interpolation,
         crop="none" if squash else "center_round",
         resize="squash" if squash else "shortest_edge",
@@ -318,42 +238,83 @@ def vision_spec(preprocess_cfg: dict[str, Any], image_size: int) -> VisionSpec:
     )
 
 
-def eval_transform(spec: VisionSpec, images: Sequence[Any]) -> list[np.ndarray]:
-    """OpenCLIP's eval transform, op for op as torchvision runs it on PIL images.
+def _preprocess(transform: Callable[[Any], Any]) -> Callable[[Sequence[Any]], Any]:
+    def preprocess(images: Sequence[Any]) -> Any:
+        import torch
 
-    Resize(size) (shortest edge; int(size * long / short), skipped when already there) or
-    Resize((size, size)); CenterCrop (offsets round((side - size) / 2), half to even);
-    convert("RGB"); ToTensor (uint8 / 255 in float32); Normalize (float32).
+        return torch.stack([transform(image) for image in images])
+
+    return preprocess
+
+
+def tokenizer_json(tokenizer: Any) -> str:
+    """OpenCLIP's SimpleTokenizer as a `tokenizers` graph (no special tokens added: the server
+    adds start and end from the manifest).
+
+    Its vocabulary and merges, its regex, byte-level BPE with "</w>" word ends. Its cleaning
+    (`ftfy.fix_text`, `html.unescape` twice, whitespace, lowercase) becomes the normalizer:
+    ftfy's default character fixes (ligatures, full/half width, curly quotes, control
+    characters), NFC, whitespace runs to one space, lowercase. Not reproduced: HTML entities
+    and ftfy's mojibake repair (texts with those tokenize differently).
     """
-    from PIL import Image
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
 
-    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-    size = spec.image_size
-    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    out = []
-    for original in images:
-        image = original
-        if spec.resize == "squash":
-            image = image.resize((size, size), resample[spec.resample])
-        else:
-            width, height = image.size
-            short, long = (width, height) if width <= height else (height, width)
-            if short != size:
-                new_long = int(size * long / short)
-                new = (size, new_long) if width <= height else (new_long, size)
-                image = image.resize(new, resample[spec.resample])
-            width, height = image.size
-            left = round((width - size) / 2.0)
-            top = round((height - size) / 2.0)
-            image = image.crop((left, top, left + size, top + size))
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255
-        out.append((pixels - mean) / std)
-    return out
+    ranks: dict[tuple[str, str], int] = tokenizer.bpe_ranks
+    merges = sorted(ranks, key=ranks.__getitem__)
+    graph = Tokenizer(
+        models.BPE(
+            vocab=dict(tokenizer.encoder), merges=merges, end_of_word_suffix="</w>", fuse_unk=False
+        )
+    )
+    graph.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(ftfy_charsmap()),
+            normalizers.Replace("\x00", ""),  # a charsmap key cannot be NUL
+            normalizers.NFC(),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Lowercase(),
+        ]
+    )
+    graph.pre_tokenizer = pre.Sequence(
+        [
+            pre.Split(Regex(SIMPLE_PATTERN), behavior="removed", invert=True),
+            pre.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    graph.decoder = decoders.ByteLevel()
+    graph.add_special_tokens(
+        [AddedToken(t, special=True, normalized=True) for t in ("<start_of_text>", "<end_of_text>")]
+    )
+    return str(graph.to_str())
 
 
-def _stack(arrays: list[np.ndarray]) -> Any:
-    import torch
+def ftfy_charsmap() -> bytes:
+    """ftfy.fix_text's per-character fixes, in its order, as one SentencePiece charsmap.
 
-    return torch.from_numpy(np.stack(arrays))
+    fix_latin_ligatures, fix_character_width, uncurl_quotes and remove_control_chars are
+    `str.translate`-like maps, so their composition per character is the whole effect; one
+    charsmap applies it in a single pass (a Replace per character costs ~15x the tokenization).
+    """
+    from ftfy import chardata, fixes
+    from sentencepiece import SentencePieceNormalizer, set_min_log_level
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    def fix(text: str) -> str:
+        text = fixes.fix_character_width(fixes.fix_latin_ligatures(text))
+        return fixes.remove_control_chars(fixes.uncurl_quotes(text))
+
+    quotes = {0x02BC, *range(0x2018, 0x2020)}
+    codes = set(chardata.LIGATURES) | set(chardata.WIDTH_MAP) | set(chardata.CONTROL_CHARS)
+    pairs = sorted((chr(c), fix(chr(c))) for c in codes | quotes if c and fix(chr(c)) != chr(c))
+    set_min_log_level(1)  # its builder logs the charsmap size at INFO on stderr
+    normalizer = SentencePieceNormalizer(
+        norm_map=pairs,
+        add_dummy_prefix=False,
+        escape_whitespaces=False,
+        remove_extra_whitespaces=False,
+    )
+    spec: Any = spm_pb2.NormalizerSpec()  # type: ignore[attr-defined]  # generated, untyped
+    spec.ParseFromString(normalizer.serialized_normalizer_spec())
+    charsmap: bytes = spec.precompiled_charsmap
+    return charsmap

@@ -322,8 +322,8 @@ class MilvusStore:
             validation.check_id(item.id)
         latest = {item.id: item for item in items}  # the last version of an id wins
         image_rows, caption_rows, without_caption = [], [], []
-        for item in latest.values():
-            image_row, caption_row = _rows(item, collection.dim)
+        for item in validation.check_items(list(latest.values()), collection.dim):
+            image_row, caption_row = _rows(item)
             image_rows.append(image_row)
             if caption_row is None:
                 without_caption.append(item.id)
@@ -699,10 +699,9 @@ def _free_bytes(path: Any) -> int:
         return 0
 
 
-def _rows(item: StoredItem, dim: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The item's row in the main collection and, if it has a caption vector, in the
-    companion. Raises InvalidInput naming the item."""
-    item = validation.check_item(item, dim)
+def _rows(item: StoredItem) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checked item's row in the main collection and, if it has a caption vector, in
+    the companion."""
     scalars = {"id": item.id, "uri": item.uri, "caption": item.caption, "metadata": item.metadata}
     image_row = {**scalars, IMAGE_VECTOR: item.image_vector}
     if item.caption_vector is None:

@@ -161,11 +161,58 @@ def check_vectors(item: StoredItem, dim: int) -> StoredItem:
     return replace(item, image_vector=image, caption_vector=caption)
 
 
+def check_vectors_each(items: Sequence[StoredItem], dim: int) -> list[StoredItem | InvalidInput]:
+    """`check_vectors` of each item, its result or its error: the vectors of all of them
+    checked at once, item by item only where one is not already a finite float32 unit
+    vector of dimension `dim` (the encoder's output always is)."""
+    fine = _unit_rows([item.image_vector for item in items], dim)
+    captioned = [i for i, item in enumerate(items) if item.caption_vector is not None]
+    caption_fine = _unit_rows([items[i].caption_vector for i in captioned], dim)
+    fine_caption = dict(zip(captioned, caption_fine, strict=True))
+    results: list[StoredItem | InvalidInput] = []
+    for index, item in enumerate(items):
+        if fine[index] and fine_caption.get(index, True):
+            results.append(item)
+            continue
+        try:
+            results.append(check_vectors(item, dim))
+        except InvalidInput as exc:
+            results.append(exc)
+    return results
+
+
+def _unit_rows(vectors: Sequence[Any], dim: int) -> list[bool]:
+    """Per vector: is it already a 1-D float32 array of `dim` finite values and unit norm
+    (what `unit_vector` returns unchanged)?"""
+    if not vectors:
+        return []
+    if not all(
+        isinstance(v, np.ndarray) and v.dtype == np.float32 and v.shape == (dim,) for v in vectors
+    ):
+        return [False] * len(vectors)
+    rows = np.stack(vectors)
+    finite = np.isfinite(rows).all(axis=1)
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    return list(finite & (np.abs(norms - 1.0) <= NORM_TOLERANCE))
+
+
 def check_item(item: StoredItem, dim: int) -> StoredItem:
     """The one check of an item to be written: its fields and its vectors. Returns the item
     with float32 unit vectors. Raises InvalidInput naming the item (and no other)."""
     check_fields(item)
     return check_vectors(item, dim)
+
+
+def check_items(items: Sequence[StoredItem], dim: int) -> list[StoredItem]:
+    """`check_item` of each item, the vectors checked at once; raises the first bad item's
+    InvalidInput."""
+    checked = []
+    for item, result in zip(items, check_vectors_each(items, dim), strict=True):
+        check_fields(item)
+        if isinstance(result, InvalidInput):
+            raise result
+        checked.append(result)
+    return checked
 
 
 def output_fields(requested: Sequence[str]) -> tuple[str, ...]:

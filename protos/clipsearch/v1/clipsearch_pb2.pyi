@@ -692,6 +692,7 @@ class IngestOptions(_message.Message):
     CREATE_COLLECTION_FIELD_NUMBER: _builtins.int
     SKIP_EXISTING_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    VECTORS_MODEL_ID_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     create_collection: _builtins.bool
     """create it (with `model`) if missing"""
@@ -701,6 +702,13 @@ class IngestOptions(_message.Message):
     """A served model's name: the model of a collection created here (empty = the default);
     an existing collection built with another model is FAILED_PRECONDITION.
     """
+    vectors_model_id: _builtins.str
+    """The model id (InfoResponse.model_id) of the vectors that items carry, stated once by
+    their producer. It must be the collection's model id, else the stream ends
+    FAILED_PRECONDITION naming both before any item is read (and creates nothing); a
+    collection created here without `model` is built with the served model of this id.
+    Items carrying vectors in a stream that states none fail INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -708,10 +716,11 @@ class IngestOptions(_message.Message):
         create_collection: _builtins.bool = ...,
         skip_existing: _builtins.bool = ...,
         model: _builtins.str = ...,
+        vectors_model_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "create_collection", b"create_collection", "model", b"model", "skip_existing", b"skip_existing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "create_collection", b"create_collection", "model", b"model", "skip_existing", b"skip_existing", "vectors_model_id", b"vectors_model_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,10 +736,12 @@ class IngestItem(_message.Message):
     CAPTION_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    IMAGE_VECTOR_FIELD_NUMBER: _builtins.int
+    CAPTION_VECTOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """empty = content hash of the image bytes"""
     image: _builtins.bytes
-    """required: encoded image file"""
+    """encoded image file; required without image_vector"""
     uri: _builtins.str
     """where the image lives; stored, never fetched"""
     caption: _builtins.str
@@ -739,6 +750,17 @@ class IngestItem(_message.Message):
     """optional JSON object"""
     seq: _builtins.int
     """client's sequence number, echoed in the ack"""
+    @_builtins.property
+    def image_vector(self) -> Global___Vector:
+        """Vectors computed elsewhere with the model IngestOptions.vectors_model_id names, stored
+        without encoding: the collection's dimension, finite, not zero; L2-normalized by the
+        server (a vector within 1e-4 of unit length is stored exactly as sent). With
+        image_vector, `image` is not needed (and not encoded) and `id` is required. A caption
+        without caption_vector is encoded by the server; caption_vector needs the caption.
+        """
+
+    @_builtins.property
+    def caption_vector(self) -> Global___Vector: ...
     def __init__(
         self,
         *,
@@ -748,10 +770,12 @@ class IngestItem(_message.Message):
         caption: _builtins.str = ...,
         metadata_json: _builtins.str = ...,
         seq: _builtins.int = ...,
+        image_vector: Global___Vector | None = ...,
+        caption_vector: Global___Vector | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caption_vector", b"caption_vector", "image_vector", b"image_vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "id", b"id", "image", b"image", "metadata_json", b"metadata_json", "seq", b"seq", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "caption_vector", b"caption_vector", "id", b"id", "image", b"image", "image_vector", b"image_vector", "metadata_json", b"metadata_json", "seq", b"seq", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
