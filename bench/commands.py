@@ -325,12 +325,14 @@ def _register_load(kinds: Any) -> None:
     soak.set_defaults(handler=_run_soak)
 
 
-def _handler(module: str, *extras: str) -> Callable[[argparse.Namespace], int]:
-    """The handler of `bench <module>`: check the extras it needs, then import and run its
-    `main` (imported late: `clipsearch bench --help` loads nothing heavy)."""
+def _handler(module: str, *needs: tuple[str, ...]) -> Callable[[argparse.Namespace], int]:
+    """The handler of `bench <module>`: check what it needs (each an `(extra, *modules)` for
+    `require`), then import and run its `main` (imported late: `clipsearch bench --help`
+    loads nothing heavy)."""
 
     def handle(args: argparse.Namespace) -> int:
-        require(*extras)
+        for extra, *modules in needs:
+            require(extra, *modules)
         main: Callable[[argparse.Namespace], int] = importlib.import_module(
             f"clipsearch.bench.{module}"
         ).main
@@ -340,13 +342,16 @@ def _handler(module: str, *extras: str) -> Callable[[argparse.Namespace], int]:
 
 
 SERVER_EXTRAS = ("server", "onnxruntime", "PIL", "pymilvus")
-_run_encoder = _handler("encoder", "export", "torch", "transformers", "onnxruntime")
-_run_latency = _handler("latency", *SERVER_EXTRAS)
-_run_figures = _handler("figures", *SERVER_EXTRAS)
-_run_faults = _handler("faults", *SERVER_EXTRAS)
-_run_ingest = _handler("ingest", *SERVER_EXTRAS)
-_run_soak = _handler("soak", *SERVER_EXTRAS)
-_run_search = _handler("search", *SERVER_EXTRAS)
+_run_encoder = _handler("encoder", ("export", "torch", "transformers", "onnxruntime"))
+_run_latency = _handler("latency", SERVER_EXTRAS)
+_run_figures = _handler("figures", SERVER_EXTRAS)
+_run_faults = _handler("faults", SERVER_EXTRAS)
+_run_ingest = _handler("ingest", SERVER_EXTRAS)
+_run_soak = _handler("soak", SERVER_EXTRAS)
+_run_search = _handler("search", SERVER_EXTRAS)
+_run_ingest_vectors = _handler(
+    "ingest_vectors", ("server", "onnxruntime", "pymilvus"), ("parquet", "pyarrow")
+)
 
 
 def _register_ingest_vectors(kinds: Any) -> None:
@@ -368,14 +373,6 @@ def _register_ingest_vectors(kinds: Any) -> None:
     vectors.add_argument("--no-server", action="store_true", help="skip the Milvus server")
     vectors.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
     vectors.set_defaults(handler=_run_ingest_vectors)
-
-
-def _run_ingest_vectors(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "pymilvus")
-    require("parquet", "pyarrow")
-    from clipsearch.bench.ingest_vectors import main
-
-    return main(args)
 
 
 def _run_load(args: argparse.Namespace) -> int:
