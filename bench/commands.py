@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from clipsearch.cli import require
 from clipsearch.defaults import DEFAULT_ADDRESS
+from clipsearch.server.limits import INDEX_TYPES
+from clipsearch.server.store.indexing import IndexConfig
 
 # The same as clipsearch.bench.load_workload.SCENARIOS (kept here: --help imports nothing heavy).
 LOAD_SCENARIOS = (
@@ -18,6 +22,8 @@ LOAD_SCENARIOS = (
     "search-vector",
     "ingest",
 )
+
+DEFAULT_INDEX_TYPE = IndexConfig().index_type
 
 FAULT_SCENARIOS = ("lite-kill9", "milvus-kill9", "milvus-restart", "drain", "disk-full")
 
@@ -108,6 +114,7 @@ def register(commands: Any) -> None:
     _register_ingest_vectors(kinds)
     _register_load(kinds)
     _register_figures(kinds)
+    _register_search(kinds)
 
 
 def _register_figures(kinds: Any) -> None:
@@ -138,6 +145,64 @@ def _register_figures(kinds: Any) -> None:
         "--gallery", type=int, default=300, help="images in the search collection (default: 300)"
     )
     figures.set_defaults(handler=_run_figures)
+
+
+def _register_search(kinds: Any) -> None:
+    search: argparse.ArgumentParser = kinds.add_parser(
+        "search",
+        help="a large collection in Milvus Lite and a Milvus server: insert, index, search, recall",
+        description=(
+            "For each --rows and each store (Milvus Lite; a Milvus server started for the run), "
+            "with the same vectors and queries: insert rate through the store layer, index "
+            "build and load time, search p50/p99 through pymilvus directly and through "
+            "'clipsearch serve' Search(vector) on loopback, recall@10 of each against exact "
+            "numpy search, and the memory of the serve and Milvus process trees."
+        ),
+    )
+    search.add_argument(
+        "--rows",
+        action="append",
+        metavar="N[,N...]",
+        help="collection sizes, repeatable or a comma list (default: 100000)",
+    )
+    search.add_argument(
+        "--dim",
+        type=int,
+        default=512,
+        help="vector dimension (default: 512; served by a random-weight model of that dim)",
+    )
+    search.add_argument(
+        "--source",
+        choices=("random", "demo"),
+        default="random",
+        help="random unit vectors, or the demo model's image vectors perturbed, queried by "
+        "its caption vectors (default: random)",
+    )
+    search.add_argument(
+        "--stores", default="lite,server", help="lite, server or both (default: lite,server)"
+    )
+    search.add_argument("--queries", type=int, default=500, help="queries (default: 500)")
+    search.add_argument(
+        "--index-type",
+        choices=INDEX_TYPES,
+        default=DEFAULT_INDEX_TYPE,
+        help=f"vector index (default: {DEFAULT_INDEX_TYPE}, what clipsearch creates)",
+    )
+    search.add_argument(
+        "--max-insert-s",
+        type=float,
+        default=0.0,
+        help="stop inserting after this many seconds per store, measure what is in (default: no "
+        "bound)",
+    )
+    search.add_argument("--model", default="", help="bundle to serve (default: see --dim)")
+    search.add_argument(
+        "--work-dir",
+        default="~/.cache/clipsearch/bench",
+        help="cache of the exported model (default: ~/.cache/clipsearch/bench)",
+    )
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.set_defaults(handler=_run_search)
 
 
 def _register_load(kinds: Any) -> None:
@@ -260,39 +325,33 @@ def _register_load(kinds: Any) -> None:
     soak.set_defaults(handler=_run_soak)
 
 
-def _run_encoder(args: argparse.Namespace) -> int:
-    require("export", "torch", "transformers", "onnxruntime")
-    from clipsearch.bench.encoder import main
+def _handler(module: str, *needs: tuple[str, ...]) -> Callable[[argparse.Namespace], int]:
+    """The handler of `bench <module>`: check what it needs (each an `(extra, *modules)` for
+    `require`), then import and run its `main` (imported late: `clipsearch bench --help`
+    loads nothing heavy)."""
 
-    return main(args)
+    def handle(args: argparse.Namespace) -> int:
+        for extra, *modules in needs:
+            require(extra, *modules)
+        main: Callable[[argparse.Namespace], int] = importlib.import_module(
+            f"clipsearch.bench.{module}"
+        ).main
+        return main(args)
 
-
-def _run_latency(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "PIL", "pymilvus")
-    from clipsearch.bench.latency import main
-
-    return main(args)
-
-
-def _run_figures(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "PIL", "pymilvus")
-    from clipsearch.bench.figures import main
-
-    return main(args)
+    return handle
 
 
-def _run_faults(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "PIL", "pymilvus")
-    from clipsearch.bench.faults import main
-
-    return main(args)
-
-
-def _run_ingest(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "PIL", "pymilvus")
-    from clipsearch.bench.ingest import main
-
-    return main(args)
+SERVER_EXTRAS = ("server", "onnxruntime", "PIL", "pymilvus")
+_run_encoder = _handler("encoder", ("export", "torch", "transformers", "onnxruntime"))
+_run_latency = _handler("latency", SERVER_EXTRAS)
+_run_figures = _handler("figures", SERVER_EXTRAS)
+_run_faults = _handler("faults", SERVER_EXTRAS)
+_run_ingest = _handler("ingest", SERVER_EXTRAS)
+_run_soak = _handler("soak", SERVER_EXTRAS)
+_run_search = _handler("search", SERVER_EXTRAS)
+_run_ingest_vectors = _handler(
+    "ingest_vectors", ("server", "onnxruntime", "pymilvus"), ("parquet", "pyarrow")
+)
 
 
 def _register_ingest_vectors(kinds: Any) -> None:
@@ -316,14 +375,6 @@ def _register_ingest_vectors(kinds: Any) -> None:
     vectors.set_defaults(handler=_run_ingest_vectors)
 
 
-def _run_ingest_vectors(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "pymilvus")
-    require("parquet", "pyarrow")
-    from clipsearch.bench.ingest_vectors import main
-
-    return main(args)
-
-
 def _run_load(args: argparse.Namespace) -> int:
     scenarios = [args.scenario, *(part.split("=")[0].strip() for part in args.mix.split(","))]
     if {"encode-image", "search-image", "ingest"}.intersection(scenarios):
@@ -331,12 +382,5 @@ def _run_load(args: argparse.Namespace) -> int:
     if args.plot:
         require("bench", "matplotlib")
     from clipsearch.bench.load import main
-
-    return main(args)
-
-
-def _run_soak(args: argparse.Namespace) -> int:
-    require("server", "onnxruntime", "PIL", "pymilvus")
-    from clipsearch.bench.soak import main
 
     return main(args)

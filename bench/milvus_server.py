@@ -122,6 +122,11 @@ class MilvusServerProcess:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The `milvus-server` process (its children: the Milvus binary, etcd), if running."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S, new_port: bool = False) -> None:
         """Start (or start again on the same data). `new_port`: serve on a fresh proxy port
         (`uri` changes) rather than the previous one, which a restart right after a stop may

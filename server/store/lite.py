@@ -40,6 +40,11 @@ FLUSH_EVERY_ROWS = 8192
 IDLE_FLUSH_S = 1.0
 LITE_SERVER_THREADS = 10  # as milvus_lite's own launcher
 LITE_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# pymilvus pings every 10 s, also while no call is open; gRPC's default lets a server take
+# one ping per 5 minutes without data, then it drops the connection ("too_many_pings"),
+# which broke any call longer than ~30 s (an index build at 100k rows) and made pymilvus
+# retry it.
+LITE_MIN_PING_INTERVAL_MS = 5_000
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ class _LiteServer:
             options=[
                 ("grpc.max_receive_message_length", LITE_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", LITE_MAX_MESSAGE_BYTES),
+                ("grpc.http2.min_ping_interval_without_data_ms", LITE_MIN_PING_INTERVAL_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
         milvus_pb2_grpc.add_MilvusServiceServicer_to_server(MilvusServicer(self.db), self.server)
