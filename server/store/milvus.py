@@ -569,8 +569,11 @@ class MilvusStore:
         after an outage): a Milvus server that restarted reports its collections loaded while
         it still replays their recent writes, and Session reads of a process that has not
         written them answer from what it has so far (Count 0 for seconds); so reads turn
-        Strong until one has completed, and one is made here, which waits for the replay."""
-        for name in self._call(lambda: self._client.list_collections(timeout=self._timeout_s)):
+        Strong until one has completed, and one is made here, which waits for the replay.
+        The listing takes the DDL timeout: Milvus Lite opens every collection of its file on
+        the first listing, which took over 10 s at ~870k rows."""
+        listing = partial(self._client.list_collections, timeout=self._ddl_timeout_s)
+        for name in self._call(listing):
             if name.endswith(validation.COMPANION_SUFFIX):
                 continue
             try:
@@ -590,7 +593,9 @@ class MilvusStore:
         )  # fmt: skip
 
     def _ensure_loaded(self, name: str) -> None:
-        state = self._call(lambda: self._client.get_load_state(name, timeout=self._timeout_s), name)
+        state = self._call(
+            lambda: self._client.get_load_state(name, timeout=self._ddl_timeout_s), name
+        )
         if getattr(state.get("state"), "name", "") != "Loaded":
             log.info("loading collection %s", name)
             self._call(
