@@ -10,8 +10,6 @@ from typing import Any
 
 from clipsearch.cli import require
 from clipsearch.defaults import DEFAULT_ADDRESS
-from clipsearch.server.limits import INDEX_TYPES
-from clipsearch.server.store.indexing import IndexConfig
 
 # The same as clipsearch.bench.load_workload.SCENARIOS (kept here: --help imports nothing heavy).
 LOAD_SCENARIOS = (
@@ -23,7 +21,10 @@ LOAD_SCENARIOS = (
     "ingest",
 )
 
-DEFAULT_INDEX_TYPE = IndexConfig().index_type
+# clipsearch.server.limits.INDEX_TYPES and the index_type setting's default, kept here
+# like LOAD_SCENARIOS (tests/test_bench_search.py checks they agree).
+INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
+DEFAULT_INDEX_TYPE = "HNSW"
 
 FAULT_SCENARIOS = ("lite-kill9", "milvus-kill9", "milvus-restart", "drain", "disk-full")
 

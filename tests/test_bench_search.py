@@ -39,6 +39,15 @@ def test_demo_rows_keep_their_scene_and_embedding_keeps_inner_products() -> None
     assert np.allclose(wide @ wide.T, rows @ rows.T, atol=1e-5)
 
 
+def test_the_commands_index_choices_are_the_servers() -> None:
+    from clipsearch.bench import commands
+    from clipsearch.server.limits import INDEX_TYPES
+    from clipsearch.server.store.indexing import IndexConfig
+
+    assert commands.INDEX_TYPES == INDEX_TYPES
+    assert IndexConfig().index_type == commands.DEFAULT_INDEX_TYPE
+
+
 def test_rows_parse_as_a_comma_list_or_repeated() -> None:
     assert parse_rows(["100_000,1000000", "2000"]) == (100_000, 1_000_000, 2000)
     with pytest.raises(ValueError, match="positive"):
