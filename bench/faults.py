@@ -43,7 +43,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from clipsearch.bench.commands import FAULT_SCENARIOS
-from clipsearch.bench.milvus_server import MilvusServerProcess, free_port, milvus_server_executable
+from clipsearch.bench.milvus_server import (
+    MilvusServerProcess,
+    free_port,
+    required_milvus_server_executable,
+)
 from clipsearch.client import Backoff, Client, ClipsearchError, IngestItem, IngestResult
 from clipsearch.server.process import ServerProcess
 
@@ -264,9 +268,7 @@ def _server(port: int, store: str, *extra: str) -> ChildServer:
 
 @contextlib.contextmanager
 def _milvus(work: Path) -> Iterator[MilvusServerProcess]:
-    executable = milvus_server_executable()
-    if executable is None:
-        raise RuntimeError("milvus-server is not installed (pip install milvus)")
+    executable = required_milvus_server_executable()
     server = MilvusServerProcess(work / "milvus", executable)
     server.start()
     try:

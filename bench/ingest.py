@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from clipsearch.bench.milvus_server import MilvusServerProcess, milvus_server_executable
+from clipsearch.bench.milvus_server import MilvusServerProcess, required_milvus_server_executable
 from clipsearch.client import Client
 from clipsearch.client.types import IngestItem, IngestResult
 from clipsearch.export.demo_data import (
@@ -240,9 +240,7 @@ def run(
         raw_lite = raw_upsert_rate(str(work / "raw.db"), count, dim)
         log(f"raw pymilvus upserts into Milvus Lite: {raw_lite:.0f} items/s")
     if server:
-        executable = milvus_server_executable()
-        if executable is None:
-            raise RuntimeError("milvus-server is not installed (pip install 'milvus>=2.3.5,<2.4')")
+        executable = required_milvus_server_executable()
         with ExitStack() as stack:
             milvus = stack.enter_context(MilvusServerProcess(work / "milvus", executable))
             client = _serve(stack, milvus.uri, 0)

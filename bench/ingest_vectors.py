@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsearch.bench.ingest import raw_upsert_rate
-from clipsearch.bench.milvus_server import MilvusServerProcess, milvus_server_executable
+from clipsearch.bench.milvus_server import MilvusServerProcess, required_milvus_server_executable
 from clipsearch.client import Client
 from clipsearch.client.parquet import MODEL_ID_KEY
 from clipsearch.client.sources import open_source
@@ -183,9 +183,7 @@ def run(
         raw_lite = raw_upsert_rate(str(work / "raw.db"), count, dim)
         log(f"raw pymilvus upserts into Milvus Lite: {raw_lite:.0f} items/s")
     if server:
-        executable = milvus_server_executable()
-        if executable is None:
-            raise RuntimeError("milvus-server is not installed (pip install 'milvus>=2.3.5,<2.4')")
+        executable = required_milvus_server_executable()
         with ExitStack() as stack:
             milvus = stack.enter_context(MilvusServerProcess(work / "milvus", executable))
             client = _serve(stack, milvus.uri, model)

@@ -81,6 +81,14 @@ def milvus_server_executable() -> str | None:
     return shutil.which("milvus-server")
 
 
+def required_milvus_server_executable() -> str:
+    """`milvus_server_executable()`, or RuntimeError saying how to install it (benchmarks)."""
+    executable = milvus_server_executable()
+    if executable is None:
+        raise RuntimeError("milvus-server is not installed (pip install 'milvus>=2.3.5,<2.4')")
+    return executable
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

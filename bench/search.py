@@ -39,7 +39,7 @@ import numpy as np
 from pymilvus import MilvusClient
 
 from clipsearch.bench import search_data as data
-from clipsearch.bench.milvus_server import MilvusServerProcess, milvus_server_executable
+from clipsearch.bench.milvus_server import MilvusServerProcess, required_milvus_server_executable
 from clipsearch.client import Client
 from clipsearch.server.bundle import default_bundle_path, load_bundle
 from clipsearch.server.limits import is_milvus_lite
@@ -479,9 +479,7 @@ def run(
 
 
 def _fresh_server(data_dir: Path) -> MilvusServerProcess:
-    executable = milvus_server_executable()
-    if executable is None:
-        raise RuntimeError("milvus-server is not installed (pip install 'milvus>=2.3.5,<2.4')")
+    executable = required_milvus_server_executable()
     return MilvusServerProcess(data_dir, executable)
 
 
