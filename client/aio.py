@@ -201,7 +201,9 @@ class AsyncClient(ClientBase):
         items: Iterable[IngestItem] | AsyncIterable[IngestItem],
         timeout: float | None,
     ) -> AsyncIngestStream:
-        def open_stream(requests: AsyncIterator[pb.IngestRequest]) -> AsyncIterable[pb.IngestAck]:
+        def open_stream(
+            requests: AsyncIterator[pb.IngestRequest],
+        ) -> AsyncIterable[pb.IngestResponse]:
             return self._stub.Ingest(requests, timeout=timeout, metadata=self._metadata)
 
         return AsyncIngestStream(state, items, open_stream)

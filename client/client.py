@@ -214,7 +214,7 @@ class Client(ClientBase):
     def _ingest_stream(
         self, state: IngestState, items: Iterable[IngestItem], timeout: float | None
     ) -> SyncIngestStream:
-        def open_stream(requests: Iterator[pb.IngestRequest]) -> Iterable[pb.IngestAck]:
+        def open_stream(requests: Iterator[pb.IngestRequest]) -> Iterable[pb.IngestResponse]:
             return self._stub.Ingest(requests, timeout=timeout, metadata=self._metadata)
 
         return SyncIngestStream(state, items, open_stream)

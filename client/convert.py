@@ -359,8 +359,8 @@ def ingest_options(
     )
 
 
-def ingest_request(item: IngestItem, seq: int) -> pb.IngestRequest:
-    """The wire message of an item; reads the image file of path items (may raise OSError)."""
+def ingest_item(item: IngestItem, seq: int) -> pb.IngestItem:
+    """The wire form of an item; reads the image file of path items (may raise OSError)."""
     message = pb.IngestItem(
         id=item.id,
         image=item.read_image(),
@@ -373,7 +373,7 @@ def ingest_request(item: IngestItem, seq: int) -> pb.IngestRequest:
         message.image_vector.data = vector_to_bytes(item.image_vector, "the image vector")
     if item.caption_vector is not None:
         message.caption_vector.data = vector_to_bytes(item.caption_vector, "the caption vector")
-    return pb.IngestRequest(item=message)
+    return message
 
 
 def ingest_result(ack: pb.IngestAck) -> IngestResult:

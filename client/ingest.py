@@ -6,7 +6,11 @@ broken stream, independent of the transport:
 
 - flow control: a driver sends an item only after taking one of `window` slots and gives the
   slot back on its ack, so at most `window` items are sent but unacknowledged, and the
-  source is read no faster than the server writes;
+  source is read no faster than the server writes (plus `PREFETCH` items read ahead);
+- messages: the items that are ready when a message goes (slots free, items read) travel
+  together, up to `MAX_ITEMS_PER_MESSAGE` and `MAX_MESSAGE_BYTES`, so a stream of small
+  images does not pay a gRPC message per item on either side; the source is read in a thread
+  (or task) of its own, so a message never waits for a slow source while it holds items;
 - resume: every item gets a sequence number and stays in `pending` until its ack. When the
   stream breaks (UNAVAILABLE: connection lost, server restarting or draining) the driver
   waits an exponential backoff, opens a new stream, and the new attempt first resends the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import queue
 import random
 import threading
 import time
@@ -41,12 +46,12 @@ from collections.abc import (
     Iterator,
 )
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 from tqdm import tqdm
 
-from clipsearch.client.convert import ingest_request, ingest_result
+from clipsearch.client.convert import ingest_item, ingest_result
 from clipsearch.client.errors import ClipsearchError, Unavailable, from_rpc_error
 from clipsearch.client.sources import RowError
 from clipsearch.client.types import IngestItem, IngestResult, IngestSummary
@@ -58,6 +63,11 @@ RESUMABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 # flight with this one (grpc/grpc#36066): seen when the server stops mid-ingest.
 AIO_WRITE_AFTER_CLOSE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 SLOT_POLL_S = 0.05
+MAX_ITEMS_PER_MESSAGE = 64
+# A message is closed before an item would take it past this (one larger item goes alone),
+# well under the server's max_message_mb.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+PREFETCH = 64  # source items read ahead of the window's slots
 
 
 @dataclass(frozen=True)
@@ -195,10 +205,10 @@ class IngestState:
             if error is not None and self.source_error is None:
                 self.source_error = error
 
-    def message(self, seq: int, item: IngestItem) -> pb.IngestRequest | None:
-        """The wire message; None when the item failed locally (unreadable file)."""
+    def message(self, seq: int, item: IngestItem) -> pb.IngestItem | None:
+        """The item's wire form; None when it failed locally (unreadable file)."""
         try:
-            return ingest_request(item, seq)
+            return ingest_item(item, seq)
         except OSError as exc:
             self._fail_locally(seq, item, f"cannot read {item.path}: {exc.strerror or exc}")
         except ClipsearchError as exc:  # e.g. metadata that is not JSON
@@ -296,9 +306,69 @@ class IngestState:
             self.progress.close()
 
 
+# --- what both drivers share ------------------------------------------------------------
+
+
+class _WouldBlock:
+    """No slot free or no item read yet, while a message holds items: send it now."""
+
+
+WOULD_BLOCK = _WouldBlock()
+
+
+@dataclass(frozen=True)
+class _End:
+    """The source is exhausted, or raised `error`."""
+
+    error: BaseException | None = None
+
+
+class MessageBuilder:
+    """Items gathered into one IngestRequest."""
+
+    def __init__(self) -> None:
+        self._items: list[pb.IngestItem] = []
+        self._bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def fits(self, item: pb.IngestItem) -> bool:
+        """Whether `item` may join; an empty message takes any item."""
+        return not self._items or self._bytes + item.ByteSize() <= MAX_MESSAGE_BYTES
+
+    def add(self, item: pb.IngestItem) -> None:
+        self._items.append(item)
+        self._bytes += item.ByteSize()
+
+    def full(self) -> bool:
+        return len(self._items) >= MAX_ITEMS_PER_MESSAGE or self._bytes >= MAX_MESSAGE_BYTES
+
+    def take(self) -> pb.IngestRequest:
+        request = pb.IngestRequest(items=self._items)
+        self._items, self._bytes = [], 0
+        return request
+
+
+def _next_in_memory(items: Iterator[IngestItem], state: IngestState) -> IngestItem | None:
+    item = next(items, None)
+    if item is None:
+        state.source_finished()
+    return item
+
+
+def _results(state: IngestState, response: pb.IngestResponse) -> Iterator[IngestResult]:
+    """The results of a response's acks, with any local failures reported meanwhile."""
+    for ack in response.acks:
+        result = state.acknowledged(ack)
+        yield from state.local_results()
+        if result is not None:
+            yield result
+
+
 # --- the sync driver -------------------------------------------------------------------
 
-OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterable[pb.IngestAck]]
+OpenSyncStream = Callable[[Iterator[pb.IngestRequest]], Iterable[pb.IngestResponse]]
 
 
 class IngestRun:
@@ -316,6 +386,76 @@ class IngestRun:
         return self.state.reconnects
 
 
+class SyncSource:
+    """The caller's items, read in a thread of their own up to PREFETCH ahead, so that a
+    message takes what is ready and never waits for a slow source while it holds items.
+    A list or tuple is taken directly: it cannot keep anyone waiting."""
+
+    def __init__(self, items: Iterable[IngestItem], state: IngestState) -> None:
+        self._items = iter(items)
+        self._in_memory = isinstance(items, (list, tuple))
+        self._state = state
+        self._queue: queue.Queue[IngestItem | _End] = queue.Queue(PREFETCH)
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def get(self, attempt: Attempt, wait: bool) -> IngestItem | _WouldBlock | None:
+        """The next item; None once the source is done (or the attempt ended while waiting);
+        WOULD_BLOCK when none is ready and `wait` is false."""
+        if self._in_memory:
+            return _next_in_memory(self._items, self._state)
+        self._start()
+        while not self._state.source_done:
+            try:
+                entry = self._queue.get(timeout=SLOT_POLL_S) if wait else self._queue.get_nowait()
+            except queue.Empty:
+                if not wait:
+                    return WOULD_BLOCK
+                if attempt.ended():
+                    return None
+                continue
+            if isinstance(entry, _End):
+                self._state.source_finished(entry.error)
+                return None
+            return entry
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._read, name="clipsearch-ingest-source", daemon=True
+                )
+                self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._put(_End())
+                return
+            except RowError as exc:
+                self._state.bad_row(exc)
+                continue
+            except Exception as exc:  # reported after what was sent is acknowledged
+                self._put(_End(exc))
+                return
+            self._put(item)
+
+    def _put(self, entry: IngestItem | _End) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=SLOT_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+
 class SyncIngestStream(IngestRun, Iterator[IngestResult]):
     """Results of `Client.ingest()` as they arrive; `.summary` counts them.
 
@@ -326,8 +466,7 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
         self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
     ) -> None:
         super().__init__(state)
-        self._source = iter(items)
-        self._source_lock = threading.Lock()
+        self._source = SyncSource(items, state)
         self._open_stream = open_stream
         self._results = self._run()
 
@@ -355,12 +494,9 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
                 call = self._open_stream(self._requests(attempt, slots))
                 error: ClipsearchError | None = None
                 try:
-                    for ack in call:
-                        slots.release()
-                        result = state.acknowledged(ack)
-                        yield from state.local_results()
-                        if result is not None:
-                            yield result
+                    for response in call:
+                        slots.release(len(response.acks))
+                        yield from _results(state, response)
                 except grpc.RpcError as exc:
                     error = from_rpc_error(exc)
                 finally:
@@ -374,51 +510,120 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
                     return
                 time.sleep(delay)
         finally:
+            self._source.close()
             state.close()
 
     def _requests(self, attempt: Attempt, slots: threading.Semaphore) -> Iterator[pb.IngestRequest]:
         state = self.state
         yield state.options
+        message = MessageBuilder()
         while True:
-            while not slots.acquire(timeout=SLOT_POLL_S):
-                if attempt.ended():
-                    return
-            entry = state.next_resend(attempt) or self._take(attempt)
+            entry = self._next(attempt, slots, wait=not message)
+            if isinstance(entry, _WouldBlock):
+                yield message.take()
+                continue
             if entry is None:
+                if message and not attempt.ended():
+                    yield message.take()
                 return
-            message = state.message(*entry)
+            item = state.message(*entry)
             if attempt.ended():
                 return
-            if message is None:
+            if item is None:
                 slots.release()
                 continue
-            yield message
+            if not message.fits(item):
+                yield message.take()
+            message.add(item)
+            if message.full():
+                yield message.take()
 
-    def _take(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
-        """The next source item, registered; None at the end or when the attempt ended."""
-        state = self.state
-        with self._source_lock:
-            while True:
-                if state.source_done:
+    def _next(
+        self, attempt: Attempt, slots: threading.Semaphore, wait: bool
+    ) -> tuple[int, IngestItem] | _WouldBlock | None:
+        """A slot and the next item to send (one to resend first), registered; None at the
+        end or when the attempt ended; WOULD_BLOCK if `wait` is false and either is lacking."""
+        if wait:
+            while not slots.acquire(timeout=SLOT_POLL_S):
+                if attempt.ended():
                     return None
-                try:
-                    item = next(self._source)
-                    break
-                except StopIteration:
-                    state.source_finished()
-                    return None
-                except RowError as exc:
-                    state.bad_row(exc)
-                except Exception as exc:  # reported after what was sent is acknowledged
-                    state.source_finished(exc)
-                    return None
-        seq = state.register(attempt, item)
+        elif not slots.acquire(blocking=False):
+            return WOULD_BLOCK
+        entry = self.state.next_resend(attempt)
+        if entry is not None:
+            return entry
+        item = self._source.get(attempt, wait)
+        if isinstance(item, _WouldBlock):
+            slots.release()
+            return item
+        if item is None:
+            return None
+        seq = self.state.register(attempt, item)
         return None if seq is None else (seq, item)
 
 
 # --- the asyncio driver ----------------------------------------------------------------
 
-OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterable[pb.IngestAck]]
+OpenAsyncStream = Callable[[AsyncIterator[pb.IngestRequest]], AsyncIterable[pb.IngestResponse]]
+
+
+class AsyncSource:
+    """The caller's items (an iterable or an async iterable), read by a task of their own
+    up to PREFETCH ahead, like `SyncSource`."""
+
+    def __init__(
+        self, items: Iterable[IngestItem] | AsyncIterable[IngestItem], state: IngestState
+    ) -> None:
+        self._items: Iterator[IngestItem] | AsyncIterator[IngestItem] = (
+            aiter(items) if isinstance(items, AsyncIterable) else iter(items)
+        )
+        self._in_memory = isinstance(items, (list, tuple))
+        self._state = state
+        self._queue: asyncio.Queue[IngestItem | _End] = asyncio.Queue(PREFETCH)
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, wait: bool) -> IngestItem | _WouldBlock | None:
+        if self._in_memory:
+            return _next_in_memory(cast(Iterator[IngestItem], self._items), self._state)
+        if self._task is None:
+            self._task = asyncio.create_task(self._read())
+        if self._state.source_done:
+            return None
+        if wait:
+            entry = await self._queue.get()
+        else:
+            try:
+                entry = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return WOULD_BLOCK
+        if isinstance(entry, _End):
+            self._state.source_finished(entry.error)
+            return None
+        return entry
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _read(self) -> None:
+        items = self._items
+        while True:
+            try:
+                if isinstance(items, AsyncIterator):
+                    item = await anext(items)
+                else:
+                    item = next(items)
+            except (StopIteration, StopAsyncIteration):
+                await self._queue.put(_End())
+                return
+            except RowError as exc:
+                self._state.bad_row(exc)
+                continue
+            except Exception as exc:
+                await self._queue.put(_End(exc))
+                return
+            await self._queue.put(item)
 
 
 class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
@@ -431,10 +636,7 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
         open_stream: OpenAsyncStream,
     ) -> None:
         super().__init__(state)
-        self._source: Iterator[IngestItem] | AsyncIterator[IngestItem] = (
-            aiter(items) if isinstance(items, AsyncIterable) else iter(items)
-        )
-        self._source_lock = asyncio.Lock()
+        self._source = AsyncSource(items, state)
         self._open_stream = open_stream
         self._results = self._run()
 
@@ -462,12 +664,10 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
                 call = self._open_stream(self._requests(attempt, slots))
                 error: ClipsearchError | None = None
                 try:
-                    async for ack in call:
-                        slots.release()
-                        result = state.acknowledged(ack)
-                        for local in state.local_results():
-                            yield local
-                        if result is not None:
+                    async for response in call:
+                        for _ in response.acks:
+                            slots.release()
+                        for result in _results(state, response):
                             yield result
                 except grpc.RpcError as exc:
                     error = from_rpc_error(exc)
@@ -484,6 +684,7 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
                     return
                 await asyncio.sleep(delay)
         finally:
+            await self._source.close()
             state.close()
 
     async def _requests(
@@ -491,47 +692,51 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
     ) -> AsyncIterator[pb.IngestRequest]:
         state = self.state
         yield state.options
+        message = MessageBuilder()
         while True:
-            await slots.acquire()
-            if attempt.ended():
-                return
-            entry = state.next_resend(attempt)
+            entry = await self._next(attempt, slots, wait=not message)
+            if isinstance(entry, _WouldBlock):
+                yield message.take()
+                continue
             if entry is None:
-                # Shielded: a cancelled request side must not cancel the caller's source
-                # half-way through producing an item (the item is registered either way).
-                entry = await asyncio.shield(self._take(attempt))
-            if entry is None:
+                if message and not attempt.ended():
+                    yield message.take()
                 return
             if entry[1].path is not None:  # file reads off the event loop
-                message = await asyncio.to_thread(state.message, *entry)
+                item = await asyncio.to_thread(state.message, *entry)
             else:
-                message = state.message(*entry)
+                item = state.message(*entry)
             if attempt.ended():
                 return
-            if message is None:
+            if item is None:
                 slots.release()
                 continue
-            yield message
+            if not message.fits(item):
+                yield message.take()
+            message.add(item)
+            if message.full():
+                yield message.take()
 
-    async def _take(self, attempt: Attempt) -> tuple[int, IngestItem] | None:
-        state = self.state
-        async with self._source_lock:
-            while True:
-                if state.source_done:
-                    return None
-                try:
-                    if isinstance(self._source, AsyncIterator):
-                        item = await anext(self._source)
-                    else:
-                        item = next(self._source)
-                    break
-                except (StopIteration, StopAsyncIteration):
-                    state.source_finished()
-                    return None
-                except RowError as exc:
-                    state.bad_row(exc)
-                except Exception as exc:
-                    state.source_finished(exc)
-                    return None
-        seq = state.register(attempt, item)
+    async def _next(
+        self, attempt: Attempt, slots: asyncio.Semaphore, wait: bool
+    ) -> tuple[int, IngestItem] | _WouldBlock | None:
+        """Like `SyncIngestStream._next`."""
+        if wait:
+            await slots.acquire()
+        elif slots.locked():
+            return WOULD_BLOCK
+        else:
+            await slots.acquire()  # free: returns at once
+        if attempt.ended():
+            return None
+        entry = self.state.next_resend(attempt)
+        if entry is not None:
+            return entry
+        item = await self._source.get(wait)
+        if isinstance(item, _WouldBlock):
+            slots.release()
+            return item
+        if item is None:
+            return None
+        seq = self.state.register(attempt, item)
         return None if seq is None else (seq, item)

@@ -60,7 +60,7 @@ from clipsearch.server.security import (
     exposure_warning,
     server_credentials,
 )
-from clipsearch.server.service import ClipSearchService, Runtime, ServedModel, observation
+from clipsearch.server.service import ClipSearchService, Runtime, ServedModel, observations
 from clipsearch.server.settings import ModelSpec, Settings
 from clipsearch.server.store import MilvusStore, VectorStore
 from clipsearch.server.store.memory import InMemoryStore
@@ -261,7 +261,7 @@ class ClipSearchServer:
         if self._token:
             interceptors.insert(0, AuthInterceptor(self._token))
         if self.metrics is not None or tracer is not None:
-            self.telemetry = Telemetry(observation, self.metrics, tracer)
+            self.telemetry = Telemetry(observations, self.metrics, tracer)
             interceptors.insert(0, TelemetryInterceptor(self.telemetry))
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.grpc_server = aio.server(

@@ -282,9 +282,10 @@ class IngestSession:
         )
         self.counts = IngestCounts()
 
-    async def run(self, items: AsyncIterator[IngestItem]) -> AsyncIterator[ItemOutcome]:
-        """One outcome per item, in the order they complete. An exception from `items`
-        (a broken stream, a protocol error) ends the run with that exception."""
+    async def run(self, items: AsyncIterator[IngestItem]) -> AsyncIterator[list[ItemOutcome]]:
+        """One outcome per item, in the order they complete, those of items that completed
+        together in one list. An exception from `items` (a broken stream, a protocol error)
+        ends the run with that exception."""
         outcomes: asyncio.Queue[list[ItemOutcome] | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.window)
         tasks: set[asyncio.Task[None]] = set()
@@ -355,8 +356,7 @@ class IngestSession:
                     break
                 if isinstance(outcome, BaseException):
                     raise outcome
-                for one in outcome:
-                    yield one
+                yield outcome
         finally:
             stopping = True
             reader.cancel()

@@ -146,13 +146,19 @@ INGEST_OUTCOME = {
 WRITE_RPCS = frozenset({"Ingest", "Delete", "CreateCollection", "DropCollection"})
 
 
-def observation(rpc: str, message: Any) -> Observation | None:
-    """The stage times a reply or ack reports in its Timing, for metrics and traces
-    (`telemetry.Reader`); None for a message without one (health, reflection)."""
+def observations(rpc: str, message: Any) -> list[Observation]:
+    """The stage times a reply, or each ack of an ingest response, reports in its Timing, for
+    metrics and traces (`telemetry.Reader`); none for a message without one (health,
+    reflection)."""
+    if isinstance(message, pb.IngestResponse):
+        return [
+            observation(rpc, ack.timing, INGEST_OUTCOME.get(ack.status)) for ack in message.acks
+        ]
     timing = getattr(message, "timing", None)
-    if not isinstance(timing, pb.Timing):
-        return None
-    outcome = INGEST_OUTCOME.get(message.status) if isinstance(message, pb.IngestAck) else None
+    return [observation(rpc, timing)] if isinstance(timing, pb.Timing) else []
+
+
+def observation(rpc: str, timing: pb.Timing, ingest_outcome: str | None = None) -> Observation:
     return Observation(
         queue_us=timing.queue_us,
         preprocess_us=timing.preprocess_us,
@@ -161,7 +167,7 @@ def observation(rpc: str, message: Any) -> Observation | None:
         total_us=timing.total_us,
         batch_size=timing.batch_size,
         store_stage="store_write" if rpc in WRITE_RPCS else "search",
-        ingest_outcome=outcome,
+        ingest_outcome=ingest_outcome,
     )
 
 
@@ -204,10 +210,13 @@ def metadata_json(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")) if metadata else ""
 
 
-def ingest_item(request: pb.IngestRequest) -> IngestItem:
-    if request.WhichOneof("message") != "item":
+def request_items(request: pb.IngestRequest) -> Sequence[pb.IngestItem]:
+    if request.HasField("options") or not request.items:
         raise InvalidInput("after the first IngestOptions, send only items")
-    item = request.item
+    return request.items
+
+
+def ingest_item(item: pb.IngestItem) -> IngestItem:
     return IngestItem(
         seq=item.seq,
         image=item.image,
@@ -427,13 +436,13 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
 
     async def Ingest(
         self, request_iterator: AsyncIterator[pb.IngestRequest], context: Context
-    ) -> AsyncIterator[pb.IngestAck]:
+    ) -> AsyncIterator[pb.IngestResponse]:
         rt = self._ready()
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        if first.WhichOneof("message") != "options":
-            raise InvalidInput("the first Ingest message must carry IngestOptions")
+        if not first.HasField("options") or first.items:
+            raise InvalidInput("the first Ingest message must carry IngestOptions and no items")
         options = IngestOptions(
             collection=self._collection(first.options.collection),
             skip_existing=first.options.skip_existing,
@@ -453,9 +462,13 @@ class ClipSearchService(pb_grpc.ClipSearchServicer):
         session = IngestSession(
             rt.served(ref).pipeline, rt.store, rt.writers, options, rt.settings.ingest_window
         )
-        items = (ingest_item(request) async for request in request_iterator)
-        async for outcome in session.run(items):
-            yield ingest_ack(outcome)
+        items = (
+            ingest_item(item)
+            async for request in request_iterator
+            for item in request_items(request)
+        )
+        async for outcomes in session.run(items):
+            yield pb.IngestResponse(acks=[ingest_ack(outcome) for outcome in outcomes])
 
     # --- items ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 `TelemetryInterceptor` (interceptors.py) calls a `Telemetry` when a handler starts, gets a
 `CallTelemetry`, tells it of every response and of the final status. The stage times come
-from the replies themselves (their `Timing`), read by the service (`service.observation`),
+from the replies themselves (their `Timing`), read by the service (`service.observations`),
 the one module that reads messages; this module turns them into metric samples
 (`metrics.py`) and child spans (`tracing.py`, only when tracing is on: OpenTelemetry is an
 optional extra and is never imported from here).
@@ -55,8 +55,9 @@ class Observation:
         return stages
 
 
-# The service's reader: (rpc, response message) → its observation, None if it has no Timing.
-Reader = Callable[[str, Any], Observation | None]
+# The service's reader: (rpc, response message) → its observations: one per Timing it holds
+# (an ingest response holds one per ack), none for a message without one.
+Reader = Callable[[str, Any], Sequence[Observation]]
 
 
 def rpc_name(method: str) -> str:
@@ -88,7 +89,7 @@ class CallTelemetry:
         self._t = telemetry
         self.rpc = rpc_name(method)
         self._started = time.perf_counter()
-        self._messages = 0
+        self._replies = 0
         self._batch_size = 0
         if telemetry.metrics is not None:
             telemetry.metrics.handler_delay(self.rpc, self._started - accepted)
@@ -98,10 +99,11 @@ class CallTelemetry:
 
     def message(self, response: Any) -> None:
         """A response is about to be sent."""
-        self._messages += 1
-        observed = self._t.read(self.rpc, response)
-        if observed is None:
-            return
+        for observed in self._t.read(self.rpc, response):
+            self._observe(observed)
+
+    def _observe(self, observed: Observation) -> None:
+        self._replies += 1
         self._batch_size = max(self._batch_size, observed.batch_size)
         stages = observed.stages()
         metrics = self._t.metrics
@@ -112,7 +114,7 @@ class CallTelemetry:
         if (
             self._t.tracer is not None
             and self._span is not None
-            and self._messages <= MAX_TRACED_MESSAGES
+            and self._replies <= MAX_TRACED_MESSAGES
         ):
             end = time.time_ns()
             self._t.tracer.stages(
@@ -135,5 +137,5 @@ class CallTelemetry:
                 time.time_ns(),
                 batch_size=self._batch_size,
                 model=self._t.model,
-                messages=self._messages,
+                messages=self._replies,
             )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from clipsearch.server.app import ClipSearchServer, Components
 from clipsearch.server.bundle import default_bundle_path
 from clipsearch.server.settings import Settings
+from clipsearch.v1 import clipsearch_pb2 as pb
 
 T = TypeVar("T")
 START_TIMEOUT_S = 120.0
@@ -126,3 +127,8 @@ def quick_settings(db_path: Path, model: Path | None = None, **overrides: Any) -
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def acks_of(responses: Iterable[pb.IngestResponse]) -> list[pb.IngestAck]:
+    """The acks of an Ingest call's responses, in the order they came."""
+    return [ack for response in responses for ack in response.acks]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from image_fixtures import encode, pattern, png_header_only
-from server_fixtures import ThreadedServer, quick_settings, served_model
+from server_fixtures import ThreadedServer, acks_of, quick_settings, served_model
 
 from clipsearch.server.app import Components, fake_components
 from clipsearch.server.limits import (
@@ -153,9 +153,9 @@ def ingest_ack(**item: Any) -> Callable[[Wire], grpc.StatusCode]:
             pb.IngestRequest(
                 options=pb.IngestOptions(collection="ingested", create_collection=True)
             ),
-            pb.IngestRequest(item=pb.IngestItem(seq=1, **item)),
+            pb.IngestRequest(items=[pb.IngestItem(seq=1, **item)]),
         ]
-        (ack,) = wire.stub.Ingest(iter(requests), timeout=30)
+        (ack,) = acks_of(wire.stub.Ingest(iter(requests), timeout=30))
         if ack.status == pb.INGEST_STATUS_OK:
             return Code.OK
         return _code(ack.error_code)
@@ -319,13 +319,13 @@ CASES: list[Case] = [
          "the item's ack"),
     Case("Ingest", "a uri of 5,000 bytes", IA, ingest_ack(uri="u" * 5000), "the item's ack"),
     Case("Ingest", "an item before the options", IA,
-         raw_stream("Ingest", pb.IngestRequest(item=pb.IngestItem(seq=1, image=jpeg(1))))),
+         raw_stream("Ingest", pb.IngestRequest(items=[pb.IngestItem(seq=1, image=jpeg(1))]))),
     Case("Ingest", "options twice", IA, raw_stream("Ingest",
         pb.IngestRequest(options=pb.IngestOptions(collection="ingested", create_collection=True)),
         pb.IngestRequest(options=pb.IngestOptions(collection="ingested")))),
     Case("Ingest", "invalid UTF-8 in an item id", IA, raw_stream("Ingest",
         pb.IngestRequest(options=pb.IngestOptions(collection="ingested", create_collection=True)),
-        bad_utf8(pb.IngestRequest(item=pb.IngestItem(seq=1, id="IDENT", image=b"x")), "IDENT"))),
+        bad_utf8(pb.IngestRequest(items=[pb.IngestItem(seq=1, id="IDENT", image=b"x")]), "IDENT"))),
     Case("Ingest", "a collection that does not exist (no create_collection)", NF,
          raw_stream("Ingest", pb.IngestRequest(options=pb.IngestOptions(collection="nothing")))),
 ]  # fmt: skip
@@ -373,9 +373,10 @@ def wire(
         items = [
             pb.IngestRequest(options=pb.IngestOptions(collection=GALLERY, create_collection=True))
         ] + [
-            pb.IngestRequest(item=pb.IngestItem(seq=i, id=f"g{i}", image=jpeg(i))) for i in range(3)
+            pb.IngestRequest(items=[pb.IngestItem(seq=i, id=f"g{i}", image=jpeg(i))])
+            for i in range(3)
         ]
-        acks = list(stub.Ingest(iter(items), timeout=60))
+        acks = acks_of(stub.Ingest(iter(items), timeout=60))
         assert [a.status for a in acks] == [pb.INGEST_STATUS_OK] * 3
         yield Wire(stub, channel, dim)
 

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from image_fixtures import encode, pattern
-from server_fixtures import ThreadedServer, quick_settings, served_model
+from server_fixtures import ThreadedServer, acks_of, quick_settings, served_model
 
 from clipsearch.server.app import Components, fake_components
 from clipsearch.server.errors import ConfigurationError, InvalidFilter, InvalidInput
@@ -86,10 +86,10 @@ def stub(channel: grpc.Channel) -> pb_grpc.ClipSearchStub:
     stub = pb_grpc.ClipSearchStub(channel)
     requests = [pb.IngestRequest(options=pb.IngestOptions(collection="c", create_collection=True))]
     requests += [
-        pb.IngestRequest(item=pb.IngestItem(seq=i, id=item_id, image=jpeg(i)))
+        pb.IngestRequest(items=[pb.IngestItem(seq=i, id=item_id, image=jpeg(i))])
         for i, item_id in enumerate(IDS)
     ]
-    acks = list(stub.Ingest(iter(requests), timeout=60))
+    acks = acks_of(stub.Ingest(iter(requests), timeout=60))
     assert [a.status for a in acks] == [pb.INGEST_STATUS_OK] * len(IDS)
     return stub
 
@@ -137,10 +137,14 @@ def test_a_caption_past_the_text_cap_fails_its_item_alone(tmp_path: Path) -> Non
         stub = pb_grpc.ClipSearchStub(channel)
         requests = [
             pb.IngestRequest(options=pb.IngestOptions(collection="c", create_collection=True)),
-            pb.IngestRequest(item=pb.IngestItem(seq=1, id="no", image=jpeg(1), caption="c" * 1001)),
-            pb.IngestRequest(item=pb.IngestItem(seq=2, id="ok", image=jpeg(2), caption="c" * 1000)),
-        ]  # fmt: skip
-        acks = {a.seq: a for a in stub.Ingest(iter(requests), timeout=30)}
+            pb.IngestRequest(
+                items=[pb.IngestItem(seq=1, id="no", image=jpeg(1), caption="c" * 1001)]
+            ),
+            pb.IngestRequest(
+                items=[pb.IngestItem(seq=2, id="ok", image=jpeg(2), caption="c" * 1000)]
+            ),
+        ]
+        acks = {a.seq: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
         assert acks[1].status == pb.INGEST_STATUS_FAILED
         assert acks[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "max_text_bytes" in acks[1].error
@@ -169,9 +173,11 @@ def test_texts_at_the_cap_do_not_hold_up_a_concurrent_search(tmp_path: Path) -> 
         stub = pb_grpc.ClipSearchStub(channel)
         requests = [
             pb.IngestRequest(options=pb.IngestOptions(collection="c", create_collection=True)),
-            pb.IngestRequest(item=pb.IngestItem(seq=1, id="x1", image=jpeg(1))),
+            pb.IngestRequest(items=[pb.IngestItem(seq=1, id="x1", image=jpeg(1))]),
         ]
-        assert [a.status for a in stub.Ingest(iter(requests), timeout=30)] == [pb.INGEST_STATUS_OK]
+        assert [a.status for a in acks_of(stub.Ingest(iter(requests), timeout=30))] == [
+            pb.INGEST_STATUS_OK
+        ]
         _check_concurrent_search(stub)
 
 
@@ -336,7 +342,7 @@ def test_an_undecodable_message_in_a_stream_ends_it_with_invalid_argument(
 ) -> None:
     if method == "Ingest":
         first = pb.IngestRequest(options=pb.IngestOptions(collection="c")).SerializeToString()
-        bad = with_bad_utf8(pb.IngestRequest(item=pb.IngestItem(seq=1, id="IDENT")), "IDENT")
+        bad = with_bad_utf8(pb.IngestRequest(items=[pb.IngestItem(seq=1, id="IDENT")]), "IDENT")
     else:
         first = pb.EncodeRequest(inputs=[pb.EncodeInput(text="fine")]).SerializeToString()
         bad = with_bad_utf8(pb.EncodeRequest(inputs=[pb.EncodeInput(text="TEXT")]), "TEXT")
@@ -365,10 +371,12 @@ def test_metadata_nested_30000_deep_fails_its_item_as_invalid_argument(
     deep = '{"a":' + "[" * 30_000 + "]" * 30_000 + "}"
     requests = [
         pb.IngestRequest(options=pb.IngestOptions(collection="c")),
-        pb.IngestRequest(item=pb.IngestItem(seq=1, id="deep", image=jpeg(9), metadata_json=deep)),
-        pb.IngestRequest(item=pb.IngestItem(seq=2, id="x5", image=jpeg(5))),
+        pb.IngestRequest(
+            items=[pb.IngestItem(seq=1, id="deep", image=jpeg(9), metadata_json=deep)]
+        ),
+        pb.IngestRequest(items=[pb.IngestItem(seq=2, id="x5", image=jpeg(5))]),
     ]
-    acks = {a.seq: a for a in stub.Ingest(iter(requests), timeout=30)}
+    acks = {a.seq: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
     assert acks[1].status == pb.INGEST_STATUS_FAILED
     assert acks[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert acks[2].status == pb.INGEST_STATUS_OK

@@ -40,6 +40,8 @@ from clipsearch.client.errors import (
     from_rpc_error,
 )
 from clipsearch.client.ingest import (
+    MAX_ITEMS_PER_MESSAGE,
+    MAX_MESSAGE_BYTES,
     AsyncIngestStream,
     Backoff,
     IngestState,
@@ -206,12 +208,12 @@ def test_metadata_round_trip_keeps_types_and_unicode() -> None:
         convert.metadata_to_json({"bad": object()})
 
 
-def test_ingest_request_and_result() -> None:
+def test_ingest_item_and_result() -> None:
     item = IngestItem(id="a", image=b"img", uri="s3://b/a", caption="c", metadata={"k": 1})
-    request = convert.ingest_request(item, seq=4)
-    assert request.item.seq == 4
-    assert (request.item.id, request.item.image, request.item.uri) == ("a", b"img", "s3://b/a")
-    assert json.loads(request.item.metadata_json) == {"k": 1}
+    message = convert.ingest_item(item, seq=4)
+    assert message.seq == 4
+    assert (message.id, message.image, message.uri) == ("a", b"img", "s3://b/a")
+    assert json.loads(message.metadata_json) == {"k": 1}
 
     ok = convert.ingest_result(pb.IngestAck(seq=4, id="a", status=pb.INGEST_STATUS_OK))
     assert (ok.seq, ok.id, ok.status, ok.error, ok.error_code) == (4, "a", "ok", "", "")
@@ -602,7 +604,8 @@ class FakeIngestServer:
 
     Acks wait until the window is full (or the requests ended), so flow control is exercised
     deterministically; `break_after[attempt]` acks into an attempt the stream fails with
-    `break_code`. Records every received seq per attempt and the largest number in flight.
+    `break_code`. Records every received seq per attempt, the items of each message and the
+    largest number in flight. Each ack comes in a response of its own.
     """
 
     def __init__(
@@ -619,17 +622,29 @@ class FakeIngestServer:
         self.received: list[list[int]] = []
         self.acked: list[list[int]] = []
         self.options: list[pb.IngestOptions] = []
+        self.message_sizes: list[int] = []
         self.max_in_flight = 0
         self._lock = threading.Condition()
 
-    def _ack(self, attempt: int, request: pb.IngestRequest) -> pb.IngestAck:
-        self.acked[attempt].append(request.item.seq)
-        return pb.IngestAck(seq=request.item.seq, id=request.item.id, status=pb.INGEST_STATUS_OK)
+    def _ack(self, attempt: int, item: pb.IngestItem) -> pb.IngestResponse:
+        self.acked[attempt].append(item.seq)
+        return pb.IngestResponse(
+            acks=[pb.IngestAck(seq=item.seq, id=item.id, status=pb.INGEST_STATUS_OK)]
+        )
+
+    def _received(self, attempt: int, request: pb.IngestRequest) -> list[Any]:
+        """What the acking side takes from a request: the options, or each of its items."""
+        if request.HasField("options"):
+            return [request]
+        self.message_sizes.append(len(request.items))
+        for item in request.items:
+            self.received[attempt].append(item.seq)
+        return list(request.items)
 
     def _should_break(self, attempt: int, acked: int) -> bool:
         return self.break_after.get(attempt) == acked
 
-    def open_sync(self, requests: Iterator[pb.IngestRequest]) -> Iterator[pb.IngestAck]:
+    def open_sync(self, requests: Iterator[pb.IngestRequest]) -> Iterator[pb.IngestResponse]:
         attempt = len(self.received)
         self.received.append([])
         self.acked.append([])
@@ -639,12 +654,13 @@ class FakeIngestServer:
         def pump() -> None:
             for request in requests:
                 with self._lock:
-                    if request.HasField("item"):
-                        self.received[attempt].append(request.item.seq)
-                        state["in_flight"] += 1
+                    taken = self._received(attempt, request)
+                    if not request.HasField("options"):
+                        state["in_flight"] += len(taken)
                         self.max_in_flight = max(self.max_in_flight, state["in_flight"])
                     self._lock.notify_all()
-                inbox.put(request)
+                for one in taken:
+                    inbox.put(one)
             with self._lock:
                 state["ended"] = True
                 self._lock.notify_all()
@@ -652,7 +668,7 @@ class FakeIngestServer:
 
         threading.Thread(target=pump, daemon=True).start()
 
-        def acks() -> Iterator[pb.IngestAck]:
+        def acks() -> Iterator[pb.IngestResponse]:
             first = inbox.get(timeout=5)
             self.options.append(first.options)
             acked = 0
@@ -673,23 +689,26 @@ class FakeIngestServer:
 
         return acks()
 
-    def open_async(self, requests: AsyncIterator[pb.IngestRequest]) -> AsyncIterator[pb.IngestAck]:
+    def open_async(
+        self, requests: AsyncIterator[pb.IngestRequest]
+    ) -> AsyncIterator[pb.IngestResponse]:
         attempt = len(self.received)
         self.received.append([])
         self.acked.append([])
 
-        async def acks() -> AsyncIterator[pb.IngestAck]:
+        async def acks() -> AsyncIterator[pb.IngestResponse]:
             inbox: asyncio.Queue[Any] = asyncio.Queue()
             changed = asyncio.Event()
             state = {"in_flight": 0, "ended": False}
 
             async def pump() -> None:
                 async for request in requests:
-                    if request.HasField("item"):
-                        self.received[attempt].append(request.item.seq)
-                        state["in_flight"] += 1
+                    taken = self._received(attempt, request)
+                    if not request.HasField("options"):
+                        state["in_flight"] += len(taken)
                         self.max_in_flight = max(self.max_in_flight, state["in_flight"])
-                    await inbox.put(request)
+                    for one in taken:
+                        await inbox.put(one)
                     changed.set()
                 state["ended"] = True
                 await inbox.put(END)
@@ -744,6 +763,56 @@ def test_ingest_window_bounds_items_in_flight() -> None:
     server = FakeIngestServer(window=3)
     list(SyncIngestStream(_state(window=3), _items(20), server.open_sync))
     assert server.max_in_flight == 3  # reached (acks wait for a full window), never exceeded
+
+
+def test_ready_items_travel_together_up_to_the_message_limit() -> None:
+    server = FakeIngestServer(window=200)
+    results = list(SyncIngestStream(_state(window=200), _items(150), server.open_sync))
+    assert sorted(r.seq for r in results) == list(range(150))
+    assert server.message_sizes == [64, 64, 22]  # a list's items are all ready at once
+
+
+async def test_the_async_driver_sends_ready_items_together_too() -> None:
+    server = FakeIngestServer(window=100)
+    summary = await AsyncIngestStream(_state(window=100), _items(70), server.open_async).run()
+    assert summary.ok == 70
+    assert server.message_sizes == [64, 6]
+
+
+def test_a_generator_source_is_read_ahead_and_batched() -> None:
+    server = FakeIngestServer(window=300)
+    results = list(SyncIngestStream(_state(window=300), iter(_items(300)), server.open_sync))
+    assert sorted(r.seq for r in results) == list(range(300))
+    assert sum(server.message_sizes) == 300
+    assert max(server.message_sizes) <= MAX_ITEMS_PER_MESSAGE
+
+
+def test_a_message_stays_under_the_byte_limit_unless_one_item_is_larger() -> None:
+    big = MAX_MESSAGE_BYTES // 3
+    items = [IngestItem(id=f"b{k}", image=bytes(big)) for k in range(5)]
+    items.append(IngestItem(id="huge", image=bytes(MAX_MESSAGE_BYTES + 1)))
+    server = FakeIngestServer(window=10)
+    list(SyncIngestStream(_state(window=10), items, server.open_sync))
+    assert server.message_sizes == [2, 2, 1, 1]  # 3 thirds plus framing would pass the limit
+
+
+def test_a_slow_source_does_not_hold_back_items_already_read() -> None:
+    """Each item is sent as soon as it is read: the message in hand is not kept open waiting
+    for the source's next item."""
+    server = FakeIngestServer(window=1)  # acks each item as soon as it arrives
+    release = threading.Event()
+
+    def source() -> Iterator[IngestItem]:
+        yield IngestItem(id="first", image=b"1")
+        release.wait(10)  # the source stalls until the first item has been acknowledged
+        yield IngestItem(id="second", image=b"2")
+
+    stream = SyncIngestStream(_state(window=4), source(), server.open_sync)
+    first = next(stream)  # never comes if "first" waits in a message for "second"
+    release.set()
+    rest = list(stream)
+    assert [first.id] + [r.id for r in rest] == ["first", "second"]
+    assert server.message_sizes == [1, 1]
 
 
 def test_ingest_resumes_after_a_broken_stream_without_losing_or_repeating() -> None:

@@ -65,8 +65,9 @@ class Towers:
 
 async def ingest(
     sent: list[IngestItem], *, window: int = 128, gate: bool = True
-) -> tuple[list[ItemOutcome], Towers, dict[str, StoredItem]]:
-    """The outcomes, the towers' batch sizes, and what the store holds afterwards."""
+) -> tuple[list[list[ItemOutcome]], Towers, dict[str, StoredItem]]:
+    """The outcomes as the session yields them (those that completed together in one list),
+    the towers' batch sizes, and what the store holds afterwards."""
     towers: Towers | None = None
 
     def fail_when(batch: np.ndarray) -> bool:
@@ -95,19 +96,25 @@ async def ingest(
 
     try:
         session = IngestSession(pipeline, store, writers, IngestOptions("c"), window)
-        outcomes = [o async for o in session.run(stream(sent))]
+        replies = [reply async for reply in session.run(stream(sent))]
         held = memory.get("c", [item.id for item in sent], include_vectors=True)
     finally:
         towers.release.set()
         await writers.close()
         await pipeline.close()
         await store.close()
-    return outcomes, towers, {item.id: item for item in held}
+    return replies, towers, {item.id: item for item in held}
+
+
+def flat(replies: list[list[ItemOutcome]]) -> list[ItemOutcome]:
+    return [outcome for reply in replies for outcome in reply]
 
 
 async def test_a_64_item_stream_reaches_the_towers_in_full_batches() -> None:
-    outcomes, towers, held = await ingest(items(64))
+    replies, towers, held = await ingest(items(64))
+    outcomes = flat(replies)
     assert sorted(o.seq for o in outcomes) == list(range(64))
+    assert sorted(len(reply) for reply in replies)[-2:] == [30, 32]  # a reply per group
     assert {o.status for o in outcomes} == {IngestStatus.OK}
     # The first two groups go at once, an item each (a lone item never waits for company);
     # the other 62 queue up behind them and reach each tower as a full batch and the rest.
@@ -121,7 +128,8 @@ async def test_a_64_item_stream_reaches_the_towers_in_full_batches() -> None:
 
 
 async def test_one_item_after_another_goes_at_once_alone() -> None:
-    outcomes, towers, _ = await ingest(items(1))
+    replies, towers, _ = await ingest(items(1))
+    outcomes = flat(replies)
     assert [o.status for o in outcomes] == [IngestStatus.OK]
     assert towers.sizes == {"vision": [1], "text": [1]}
 
@@ -131,7 +139,8 @@ async def test_bad_items_of_a_group_fail_alone_and_the_rest_are_written() -> Non
     sent[5] = IngestItem(seq=5, image=b"\xff\xd8\xff not a jpeg", id="i5")
     sent[20] = IngestItem(seq=20, image=jpeg(20), id="i20", caption="x" * 70_000)
     sent[33] = IngestItem(seq=33, image=jpeg(33), id="i33", metadata_json="[1]")
-    outcomes, towers, held = await ingest(sent)
+    replies, towers, held = await ingest(sent)
+    outcomes = flat(replies)
     by_seq = {o.seq: o for o in outcomes}
     assert sorted(by_seq) == list(range(40))
     failed = {s for s, o in by_seq.items() if o.status is IngestStatus.FAILED}
@@ -146,7 +155,8 @@ async def test_bad_items_of_a_group_fail_alone_and_the_rest_are_written() -> Non
 
 
 async def test_the_window_bounds_a_group() -> None:
-    outcomes, towers, _ = await ingest(items(24), window=4, gate=False)
+    replies, towers, _ = await ingest(items(24), window=4, gate=False)
+    outcomes = flat(replies)
     assert sorted(o.seq for o in outcomes) == list(range(24))
     assert max(towers.sizes["vision"]) <= 4
     assert sum(towers.sizes["vision"]) == 24

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from image_fixtures import encode, pattern
-from server_fixtures import ThreadedServer, quick_settings, served_model
+from server_fixtures import ThreadedServer, acks_of, quick_settings, served_model
 
 from clipsearch.cli import main
 from clipsearch.client import AsyncClient, Client, IngestItem
@@ -69,7 +69,7 @@ def options(collection: str, model_id: str = MODEL_ID) -> pb.IngestRequest:
 
 
 def item(seq: int, **fields: Any) -> pb.IngestRequest:
-    return pb.IngestRequest(item=pb.IngestItem(seq=seq, **fields))
+    return pb.IngestRequest(items=[pb.IngestItem(seq=seq, **fields)])
 
 
 # --- the rules, on the fake service ---------------------------------------------------------
@@ -127,7 +127,7 @@ def test_carried_vectors_are_stored_as_sent_and_never_encoded(
              image_vector=wire(unit(i)), **captioned.get(i, {}))
         for i in range(10)
     ]  # fmt: skip
-    acks = list(stub.Ingest(iter(requests), timeout=30))
+    acks = acks_of(stub.Ingest(iter(requests), timeout=30))
     assert sorted((a.seq, a.status) for a in acks) == [(i, pb.INGEST_STATUS_OK) for i in range(10)]
     assert all(a.timing.inference_us == 0 and a.timing.preprocess_us == 0 for a in acks)
     assert fakes.encoded == before  # no tower ran
@@ -157,7 +157,9 @@ def test_carried_vectors_are_stored_as_sent_and_never_encoded(
 
 def test_a_vector_off_unit_length_is_normalized(stub: Any) -> None:
     scaled = unit(5) * 7.5
-    (ack,) = stub.Ingest(iter([options("scaled"), item(0, id="s", image_vector=wire(scaled))]))
+    (ack,) = acks_of(
+        stub.Ingest(iter([options("scaled"), item(0, id="s", image_vector=wire(scaled))]))
+    )
     assert ack.status == pb.INGEST_STATUS_OK
     (stored,) = stub.Get(pb.GetRequest(collection="scaled", ids=["s"], include_vectors=True)).items
     np.testing.assert_allclose(floats(stored.image_vector), unit(5), atol=1e-6)
@@ -176,7 +178,7 @@ def test_a_mixed_stream_encodes_only_what_came_without_vectors(
              caption_vector=wire(unit(3))),
         item(4, id="image-only", image=jpeg(4)),
     ]  # fmt: skip
-    acks = {a.id: a for a in stub.Ingest(iter(requests), timeout=30)}
+    acks = {a.id: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
     assert {a.status for a in acks.values()} == {pb.INGEST_STATUS_OK}
     # Encoded: images 1, 3, 4 and the captions of items 1 and 2.
     assert fakes.encoded - before == 5
@@ -213,7 +215,7 @@ def test_each_bad_vector_fails_alone_with_its_reason(stub: Any) -> None:
         item(9, id="good-9", image_vector=wire(unit(19)), caption="ok",
              caption_vector=wire(unit(29))),
     ]  # fmt: skip
-    acks = {a.seq: a for a in stub.Ingest(iter(requests), timeout=30)}
+    acks = {a.seq: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
     assert sorted(acks) == list(range(10))
     assert {s for s, a in acks.items() if a.status == pb.INGEST_STATUS_OK} == {0, 9}
     for seq in range(1, 9):
@@ -235,7 +237,7 @@ def test_vectors_need_the_stream_to_name_their_model(stub: Any) -> None:
         item(0, id="vector", image_vector=wire(unit(0))),
         item(1, id="image", image=jpeg(1)),
     ]
-    acks = {a.id: a for a in stub.Ingest(iter(requests), timeout=30)}
+    acks = {a.id: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
     assert acks["image"].status == pb.INGEST_STATUS_OK
     assert (acks["vector"].status, acks["vector"].error_code) == (pb.INGEST_STATUS_FAILED, INVALID)
     assert "vectors_model_id" in acks["vector"].error
@@ -243,7 +245,7 @@ def test_vectors_need_the_stream_to_name_their_model(stub: Any) -> None:
 
 def refused(stub: Any, requests: list[pb.IngestRequest]) -> str:
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Ingest(iter(requests), timeout=30))
+        acks_of(stub.Ingest(iter(requests), timeout=30))
     error: Any = info.value
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     details: str = error.details()
@@ -260,7 +262,9 @@ def test_vectors_of_another_model_are_refused_before_any_item(stub: Any) -> None
     assert missing.code() == grpc.StatusCode.NOT_FOUND
 
     existing = [options("existing"), item(0, id="i", image=jpeg(0))]
-    assert [a.status for a in stub.Ingest(iter(existing), timeout=30)] == [pb.INGEST_STATUS_OK]
+    assert [a.status for a in acks_of(stub.Ingest(iter(existing), timeout=30))] == [
+        pb.INGEST_STATUS_OK
+    ]
     details = refused(stub, [options("existing", model_id="nope"), item(1, id="j", image=jpeg(1))])
     assert "nope" in details and MODEL_ID in details
     assert stub.Count(pb.CountRequest(collection="existing"), timeout=5).count == 1
@@ -281,7 +285,7 @@ def test_a_collection_created_for_vectors_takes_the_served_model_that_made_them(
         stub = pb_grpc.ClipSearchStub(channel)
         requests = [options("for_zh", model_id=zh.model_id)]
         requests += [item(i, id=f"z{i}", image_vector=wire(unit(i, zh.dim))) for i in range(3)]
-        acks = list(stub.Ingest(iter(requests), timeout=30))
+        acks = acks_of(stub.Ingest(iter(requests), timeout=30))
         assert [a.status for a in acks] == [pb.INGEST_STATUS_OK] * 3
         (listed,) = [
             c

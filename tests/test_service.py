@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from image_fixtures import encode, pattern
-from server_fixtures import ThreadedServer, quick_settings, served_model
+from server_fixtures import ThreadedServer, acks_of, quick_settings, served_model
 
 from clipsearch.server.app import Components, default_components
 from clipsearch.server.encoder import OnnxEncoder
@@ -52,7 +52,7 @@ def settings(tmp: Path, **overrides: Any) -> Settings:
 
 def item(seq: int, **fields: Any) -> pb.IngestRequest:
     fields.setdefault("image", jpeg(seq))
-    return pb.IngestRequest(item=pb.IngestItem(seq=seq, **fields))
+    return pb.IngestRequest(items=[pb.IngestItem(seq=seq, **fields)])
 
 
 def options(collection: str = "c", create: bool = True, skip: bool = False) -> pb.IngestRequest:
@@ -88,7 +88,7 @@ def filled(stub: pb_grpc.ClipSearchStub) -> str:
              metadata_json=json.dumps({"n": i, "even": i % 2 == 0}))
         for i in range(6)
     ]  # fmt: skip
-    acks = list(stub.Ingest(iter(requests), timeout=60))
+    acks = acks_of(stub.Ingest(iter(requests), timeout=60))
     assert sorted(a.status for a in acks) == [pb.INGEST_STATUS_OK] * 6
     return "filled"
 
@@ -265,7 +265,7 @@ def test_unknown_collection_is_not_found_everywhere(stub: pb_grpc.ClipSearchStub
         lambda: stub.Get(pb.GetRequest(collection="ghost", ids=["a"]), timeout=10),
         lambda: stub.Delete(pb.DeleteRequest(collection="ghost", ids=["a"]), timeout=10),
         lambda: stub.DropCollection(pb.DropCollectionRequest(name="ghost"), timeout=10),
-        lambda: list(stub.Ingest(iter([options("ghost", create=False), item(1)]), timeout=10)),
+        lambda: acks_of(stub.Ingest(iter([options("ghost", create=False), item(1)]), timeout=10)),
     ]
     for call in calls:
         code, message = code_of(call)
@@ -314,7 +314,7 @@ def test_ingest_acks_every_item_and_bad_items_fail_alone(stub: pb_grpc.ClipSearc
         item(6, id="good-2"),
         item(7),  # no id: the content hash
     ]
-    acks = {a.seq: a for a in stub.Ingest(iter(requests), timeout=60)}
+    acks = {a.seq: a for a in acks_of(stub.Ingest(iter(requests), timeout=60))}
     assert sorted(acks) == [1, 2, 3, 4, 5, 6, 7]
     ok = {s for s, a in acks.items() if a.status == pb.INGEST_STATUS_OK}
     assert ok == {1, 6, 7}
@@ -328,14 +328,16 @@ def test_ingest_acks_every_item_and_bad_items_fail_alone(stub: pb_grpc.ClipSearc
 
 def test_reingest_upserts_and_skip_existing_skips(stub: pb_grpc.ClipSearchStub) -> None:
     first = [options("again")] + [item(i, id=f"x{i}") for i in range(4)]
-    assert {a.status for a in stub.Ingest(iter(first), timeout=60)} == {pb.INGEST_STATUS_OK}
+    assert {a.status for a in acks_of(stub.Ingest(iter(first), timeout=60))} == {
+        pb.INGEST_STATUS_OK
+    }
     updated = [options("again"), item(0, id="x0", caption="now with a caption")]
-    list(stub.Ingest(iter(updated), timeout=60))
+    acks_of(stub.Ingest(iter(updated), timeout=60))
     assert stub.Count(pb.CountRequest(collection="again")).count == 4
     (got,) = stub.Get(pb.GetRequest(collection="again", ids=["x0"])).items
     assert got.caption == "now with a caption"
     skipping = [options("again", skip=True)] + [item(i, id=f"x{i}") for i in range(3, 6)]
-    statuses = {a.id: a.status for a in stub.Ingest(iter(skipping), timeout=60)}
+    statuses = {a.id: a.status for a in acks_of(stub.Ingest(iter(skipping), timeout=60))}
     assert statuses == {
         "x3": pb.INGEST_STATUS_SKIPPED,
         "x4": pb.INGEST_STATUS_OK,
@@ -365,7 +367,7 @@ def test_one_streams_bad_items_never_fail_or_show_in_another_stream(tmp_path: Pa
     mixed = [item(100 + n, **fields) for n, fields in enumerate(bad_items.values())] + [
         item(200 + i, id=f"other-{i}") for i in range(6)
     ]
-    all_ids = [r.item.id for r in good + mixed]
+    all_ids = [r.items[0].id for r in good + mixed]
     with (
         ThreadedServer(server_settings) as server,
         grpc.insecure_channel(server.address) as ch,
@@ -373,7 +375,7 @@ def test_one_streams_bad_items_never_fail_or_show_in_another_stream(tmp_path: Pa
     ):
         stub = pb_grpc.ClipSearchStub(ch)
         runs = [
-            pool.submit(lambda r=requests: list(stub.Ingest(iter(r), timeout=120)))
+            pool.submit(lambda r=requests: acks_of(stub.Ingest(iter(r), timeout=120)))
             for requests in ([options("shared"), *good], [options("shared"), *mixed])
         ]
         good_acks, mixed_acks = (run.result() for run in runs)
@@ -382,7 +384,7 @@ def test_one_streams_bad_items_never_fail_or_show_in_another_stream(tmp_path: Pa
     # The write's time is the store's (search_us), the towers' is inference_us.
     assert all(a.timing.search_us > 0 and a.timing.inference_us > 0 for a in good_acks)
     by_seq = {a.seq: a for a in mixed_acks}
-    assert sorted(by_seq) == sorted(r.item.seq for r in mixed)
+    assert sorted(by_seq) == sorted(r.items[0].seq for r in mixed)
     for seq in range(100, 100 + len(bad_items)):
         ack = by_seq[seq]
         assert ack.status == pb.INGEST_STATUS_FAILED
@@ -398,8 +400,37 @@ def test_one_streams_bad_items_never_fail_or_show_in_another_stream(tmp_path: Pa
 
 
 def test_ingest_must_start_with_options(stub: pb_grpc.ClipSearchStub) -> None:
-    code, message = code_of(lambda: list(stub.Ingest(iter([item(1)]), timeout=10)))
+    code, message = code_of(lambda: acks_of(stub.Ingest(iter([item(1)]), timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "IngestOptions" in message
+
+
+def test_items_several_to_a_message_each_get_their_own_ack(stub: pb_grpc.ClipSearchStub) -> None:
+    together = pb.IngestRequest(
+        items=[
+            pb.IngestItem(seq=1, id="m1", image=jpeg(1)),
+            pb.IngestItem(seq=2, id="m2", image=b"not an image"),
+            pb.IngestItem(seq=3, id="m3", image=jpeg(3), caption="three"),
+        ]
+    )
+    single = item(4, id="m4")  # the one-item form, as a client of the earlier protocol sends
+    acks = {a.seq: a for a in acks_of(stub.Ingest(iter([options("several"), together, single])))}
+    assert sorted(acks) == [1, 2, 3, 4]
+    assert [acks[s].status for s in (1, 3, 4)] == [pb.INGEST_STATUS_OK] * 3
+    assert acks[2].status == pb.INGEST_STATUS_FAILED and acks[2].error_code == 3
+    count = stub.Count(pb.CountRequest(collection="several"), timeout=10).count
+    assert count == 3
+
+
+def test_ingest_messages_must_keep_to_their_roles(stub: pb_grpc.ClipSearchStub) -> None:
+    options_with_items = pb.IngestRequest(
+        options=pb.IngestOptions(collection="roles", create_collection=True),
+        items=[pb.IngestItem(seq=1, image=jpeg(1))],
+    )
+    empty = pb.IngestRequest()
+    for requests in ([options_with_items], [options("roles"), empty], [options("roles")] * 2):
+        code, message = code_of(lambda r=requests: acks_of(stub.Ingest(iter(r), timeout=10)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert "IngestOptions" in message
 
 
 # --- items -------------------------------------------------------------------------------
@@ -418,7 +449,7 @@ def test_get_count_delete(stub: pb_grpc.ClipSearchStub, filled: str) -> None:
     even = stub.Count(pb.CountRequest(collection=filled, filter='metadata["even"] == true'))
     assert even.count == 3
     ingested = [options(filled), item(99, id="to-delete")]
-    list(stub.Ingest(iter(ingested), timeout=60))
+    acks_of(stub.Ingest(iter(ingested), timeout=60))
     deleted = stub.Delete(pb.DeleteRequest(collection=filled, ids=["to-delete", "never-there"]))
     assert deleted.deleted == 1
     assert list(stub.Get(pb.GetRequest(collection=filled, ids=["to-delete"])).missing_ids) == [
@@ -493,7 +524,7 @@ def test_unexpected_errors_are_internal_with_a_reference_and_no_traceback(tmp_pa
         grpc.insecure_channel(server.address) as ch,
     ):
         stub = pb_grpc.ClipSearchStub(ch)
-        list(stub.Ingest(iter([options("c"), item(1, id="a")]), timeout=60))
+        acks_of(stub.Ingest(iter([options("c"), item(1, id="a")]), timeout=60))
         code, message = code_of(lambda: stub.Search(pb.SearchRequest(collection="c", text="x")))
         assert code == grpc.StatusCode.INTERNAL
         assert "ref " in message and "ZeroDivisionError" not in message

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from image_fixtures import encode, pattern
-from server_fixtures import ThreadedServer, quick_settings, served_model
+from server_fixtures import ThreadedServer, acks_of, quick_settings, served_model
 
 from clipsearch.server.app import fake_components
 from clipsearch.server.bundle import load_bundle
@@ -107,7 +107,7 @@ def options(collection: str, create: bool = True, skip: bool = False) -> pb.Inge
 
 def item(seq: int, **fields: Any) -> pb.IngestRequest:
     fields.setdefault("image", jpeg(seq))
-    return pb.IngestRequest(item=pb.IngestItem(seq=seq, **fields))
+    return pb.IngestRequest(items=[pb.IngestItem(seq=seq, **fields)])
 
 
 def gallery_requests(collection: str) -> list[pb.IngestRequest]:
@@ -140,7 +140,7 @@ def stub(server: ThreadedServer) -> Iterator[pb_grpc.ClipSearchStub]:
 
 @pytest.fixture(scope="module")
 def gallery(stub: pb_grpc.ClipSearchStub) -> str:
-    acks = list(stub.Ingest(iter(gallery_requests("gallery")), timeout=30))
+    acks = acks_of(stub.Ingest(iter(gallery_requests("gallery")), timeout=30))
     assert sorted(a.seq for a in acks if a.status == pb.INGEST_STATUS_OK) == list(range(N))
     return "gallery"
 
@@ -166,7 +166,7 @@ def test_the_fakes_need_neither_onnx_runtime_nor_milvus(
         grpc.insecure_channel(server.address) as channel,
     ):
         stub = pb_grpc.ClipSearchStub(channel)
-        (ack,) = stub.Ingest(iter([options("c"), item(1, id="one")]), timeout=10)
+        (ack,) = acks_of(stub.Ingest(iter([options("c"), item(1, id="one")]), timeout=10))
         assert ack.status == pb.INGEST_STATUS_OK
         assert search(stub, collection="c", text="x") == ["one"]
 
@@ -244,7 +244,7 @@ def test_bad_items_fail_alone_with_their_reason(stub: pb_grpc.ClipSearchStub) ->
         item(7, id="good-2"),
         item(8),  # no id: the content hash
     ]
-    acks = {a.seq: a for a in stub.Ingest(iter(requests), timeout=30)}
+    acks = {a.seq: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
     assert sorted(acks) == list(range(1, 9))
     assert {s for s, a in acks.items() if a.status == pb.INGEST_STATUS_OK} == {1, 7, 8}
     for seq in (2, 3, 4, 5, 6):
@@ -258,14 +258,18 @@ def test_bad_items_fail_alone_with_their_reason(stub: pb_grpc.ClipSearchStub) ->
 
 def test_reingest_replaces_and_skip_existing_skips(stub: pb_grpc.ClipSearchStub) -> None:
     first = [options("again")] + [item(i, id=f"x{i}") for i in range(4)]
-    assert {a.status for a in stub.Ingest(iter(first), timeout=30)} == {pb.INGEST_STATUS_OK}
+    assert {a.status for a in acks_of(stub.Ingest(iter(first), timeout=30))} == {
+        pb.INGEST_STATUS_OK
+    }
     replaced = [options("again"), item(40, id="x0", caption="now with a caption")]
-    assert [a.status for a in stub.Ingest(iter(replaced), timeout=30)] == [pb.INGEST_STATUS_OK]
+    assert [a.status for a in acks_of(stub.Ingest(iter(replaced), timeout=30))] == [
+        pb.INGEST_STATUS_OK
+    ]
     (x0,) = stub.Get(pb.GetRequest(collection="again", ids=["x0"], include_vectors=True)).items
     np.testing.assert_array_equal(floats(x0.image_vector), MODEL.image(jpeg(40)))
     np.testing.assert_array_equal(floats(x0.caption_vector), MODEL.text("now with a caption"))
     skipping = [options("again", skip=True)] + [item(i, id=f"x{i}") for i in range(3, 6)]
-    statuses = {a.id: a.status for a in stub.Ingest(iter(skipping), timeout=30)}
+    statuses = {a.id: a.status for a in acks_of(stub.Ingest(iter(skipping), timeout=30))}
     assert statuses == {
         "x3": pb.INGEST_STATUS_SKIPPED,
         "x4": pb.INGEST_STATUS_OK,
@@ -287,7 +291,7 @@ def test_a_failed_inference_batch_fails_only_its_items(tmp_path: Path) -> None:
     ):
         stub = pb_grpc.ClipSearchStub(channel)
         requests = [options("c")] + [item(i, id=f"i{i}") for i in range(6)]
-        acks = {a.id: a for a in stub.Ingest(iter(requests), timeout=30)}
+        acks = {a.id: a for a in acks_of(stub.Ingest(iter(requests), timeout=30))}
         assert {i for i, a in acks.items() if a.status == pb.INGEST_STATUS_OK} == {
             "i0",
             "i1",
@@ -392,7 +396,7 @@ def test_filters_and_output_fields(stub: pb_grpc.ClipSearchStub, gallery: str) -
 
 
 def test_get_delete_count(stub: pb_grpc.ClipSearchStub) -> None:
-    list(stub.Ingest(iter([options("items")] + [item(i, id=f"d{i}") for i in range(5)])))
+    acks_of(stub.Ingest(iter([options("items")] + [item(i, id=f"d{i}") for i in range(5)])))
     got = stub.Get(pb.GetRequest(collection="items", ids=["d3", "nope", "d0", "d3"]))
     assert [g.id for g in got.items] == ["d3", "d0"] and list(got.missing_ids) == ["nope"]
     assert not got.items[0].image_vector.data  # vectors only when asked for

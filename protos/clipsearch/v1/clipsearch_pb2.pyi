@@ -783,27 +783,34 @@ Global___IngestItem: _TypeAlias = IngestItem  # noqa: Y015
 
 @_typing.final
 class IngestRequest(_message.Message):
+    """Items travel several to a message so that a stream of small images does not pay a
+    message's cost per item (a single-item message of the earlier `oneof { options; item }`
+    form parses the same). Keep a message under the server's max_message_bytes.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OPTIONS_FIELD_NUMBER: _builtins.int
-    ITEM_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def options(self) -> Global___IngestOptions: ...
+    def options(self) -> Global___IngestOptions:
+        """the first message only, and nothing else in it"""
+
     @_builtins.property
-    def item(self) -> Global___IngestItem: ...
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestItem]:
+        """every later message: one or more items"""
+
     def __init__(
         self,
         *,
         options: Global___IngestOptions | None = ...,
-        item: Global___IngestItem | None = ...,
+        items: _abc.Iterable[Global___IngestItem] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "message", b"message", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "message", b"message", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["options", "item"]  # noqa: Y015
-    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngestRequest: _TypeAlias = IngestRequest  # noqa: Y015
 
@@ -846,6 +853,28 @@ class IngestAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngestAck: _TypeAlias = IngestAck  # noqa: Y015
+
+@_typing.final
+class IngestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestAck]:
+        """one or more, in the order they completed"""
+
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___IngestAck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestResponse: _TypeAlias = IngestResponse  # noqa: Y015
 
 @_typing.final
 class Item(_message.Message):

@@ -57,7 +57,7 @@ class ClipSearchStub:
         self.Ingest = channel.stream_stream(
                 '/clipsearch.v1.ClipSearch/Ingest',
                 request_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.IngestRequest.SerializeToString,
-                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.IngestAck.FromString,
+                response_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.IngestResponse.FromString,
                 _registered_method=True)
         self.Get = channel.unary_unary(
                 '/clipsearch.v1.ClipSearch/Get',
@@ -126,8 +126,9 @@ class ClipSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Ingest(self, request_iterator, context):
-        """Bulk ingestion. The first message carries IngestOptions, every later one an
-        item. One IngestAck per item once it is written (or failed, or skipped).
+        """Bulk ingestion. The first message carries IngestOptions, every later one one or
+        more items. One IngestAck per item once it is written (or failed, or skipped); the
+        acks of items that finished together come in one IngestResponse.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,7 +196,7 @@ def add_ClipSearchServicer_to_server(servicer, server):
             'Ingest': grpc.stream_stream_rpc_method_handler(
                     servicer.Ingest,
                     request_deserializer=clipsearch_dot_v1_dot_clipsearch__pb2.IngestRequest.FromString,
-                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.IngestAck.SerializeToString,
+                    response_serializer=clipsearch_dot_v1_dot_clipsearch__pb2.IngestResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -362,7 +363,7 @@ class ClipSearch:
             target,
             '/clipsearch.v1.ClipSearch/Ingest',
             clipsearch_dot_v1_dot_clipsearch__pb2.IngestRequest.SerializeToString,
-            clipsearch_dot_v1_dot_clipsearch__pb2.IngestAck.FromString,
+            clipsearch_dot_v1_dot_clipsearch__pb2.IngestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,9 +58,10 @@ class ClipSearchStub:
     """Nearest neighbours of a text, an image, a vector or a stored item; a text or image
     query is encoded with the model the collection was built with.
     """
-    Ingest: _grpc.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestAck]
-    """Bulk ingestion. The first message carries IngestOptions, every later one an
-    item. One IngestAck per item once it is written (or failed, or skipped).
+    Ingest: _grpc.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestResponse]
+    """Bulk ingestion. The first message carries IngestOptions, every later one one or
+    more items. One IngestAck per item once it is written (or failed, or skipped); the
+    acks of items that finished together come in one IngestResponse.
     """
     Get: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.GetRequest, _clipsearch_pb2.GetResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.DeleteRequest, _clipsearch_pb2.DeleteResponse]
@@ -86,9 +87,10 @@ class ClipSearchAsyncStub(ClipSearchStub):
     """Nearest neighbours of a text, an image, a vector or a stored item; a text or image
     query is encoded with the model the collection was built with.
     """
-    Ingest: _aio.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestAck]  # type: ignore[assignment]
-    """Bulk ingestion. The first message carries IngestOptions, every later one an
-    item. One IngestAck per item once it is written (or failed, or skipped).
+    Ingest: _aio.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestResponse]  # type: ignore[assignment]
+    """Bulk ingestion. The first message carries IngestOptions, every later one one or
+    more items. One IngestAck per item once it is written (or failed, or skipped); the
+    acks of items that finished together come in one IngestResponse.
     """
     Get: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.GetRequest, _clipsearch_pb2.GetResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.DeleteRequest, _clipsearch_pb2.DeleteResponse]  # type: ignore[assignment]
@@ -141,9 +143,10 @@ class ClipSearchServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_clipsearch_pb2.IngestRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_clipsearch_pb2.IngestAck], _abc.AsyncIterator[_clipsearch_pb2.IngestAck]]:
-        """Bulk ingestion. The first message carries IngestOptions, every later one an
-        item. One IngestAck per item once it is written (or failed, or skipped).
+    ) -> _typing.Union[_abc.Iterator[_clipsearch_pb2.IngestResponse], _abc.AsyncIterator[_clipsearch_pb2.IngestResponse]]:
+        """Bulk ingestion. The first message carries IngestOptions, every later one one or
+        more items. One IngestAck per item once it is written (or failed, or skipped); the
+        acks of items that finished together come in one IngestResponse.
         """
 
     @_abc_1.abstractmethod
