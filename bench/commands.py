@@ -104,13 +104,22 @@ def register(commands: Any) -> None:
             "encoder-only rate (EncodeStream, batches of 32), ingest into Milvus Lite and into a "
             "Milvus server started for the run (milvus-server), and raw pymilvus upserts into "
             "each (the store's own limit). Prints ingest_vs_encoder_server, "
-            "ingest_vs_encoder_lite and every rate."
+            "ingest_vs_encoder_lite and every rate, and (on Linux) the CPU milliseconds per "
+            "item that the clipsearch server, the Milvus server and the client used in each phase."
         ),
     )
     ingest.add_argument("--json", action="store_true", help="print the results as JSON")
     ingest.add_argument("--count", type=int, default=10_000, help="items (default: 10000)")
     ingest.add_argument("--no-server", action="store_true", help="skip the Milvus server")
     ingest.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
+    ingest.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a flag for both `clipsearch serve` processes, e.g. --serve-arg=--intra-op-threads=1 "
+        "(repeat it for several)",
+    )
     ingest.set_defaults(handler=_run_ingest)
     _register_ingest_vectors(kinds)
     _register_load(kinds)

@@ -13,7 +13,11 @@ The encoder-only rate is measured in each `clipsearch serve` process: with Lite,
 beside the running Milvus server (which takes CPU even when idle; on a small machine that
 shows), and each ingest is compared with its own. It prints `ingest_vs_encoder_server` and
 `ingest_vs_encoder_lite` with every rate, plus the
-server's per-item breakdown (mean store and inference µs, mean commit batch size).
+server's per-item breakdown (mean store and inference µs, mean commit batch size) and, on
+Linux, where the CPU went in each phase (`cpu`: milliseconds per item in the clipsearch
+server, the Milvus server and this client, and the cores they kept busy together: on a
+small machine the encoder, Milvus and the client share the same cores).
+`--serve-arg` passes flags to both `clipsearch serve` processes, to compare settings.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from clipsearch.bench.cpu import CpuSplit, measure_cpu
 from clipsearch.bench.milvus_server import MilvusServerProcess, required_milvus_server_executable
 from clipsearch.client import Client
 from clipsearch.client.types import IngestItem, IngestResult
@@ -46,6 +51,8 @@ from clipsearch.export.demo_data import (
 )
 from clipsearch.server.process import ServerProcess
 from clipsearch.server.store.indexing import IndexConfig
+
+T = TypeVar("T")
 
 COLLECTION = "bench_ingest"
 ENCODE_BATCH = 32
@@ -202,12 +209,18 @@ def raw_upsert_rate(uri: str, count: int, dim: int, batch: int = RAW_BATCH) -> f
         client.close()
 
 
-def _serve(stack: ExitStack, milvus_uri: str, threads: int) -> Client:
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-    server = stack.enter_context(
-        ServerProcess(["--log-level", "warning", "--milvus-uri", milvus_uri], env=env)
+def _serve(stack: ExitStack, milvus_uri: str, serve_args: Sequence[str]) -> ServerProcess:
+    return stack.enter_context(
+        ServerProcess(["--log-level", "warning", "--milvus-uri", milvus_uri, *serve_args])
     )
-    return stack.enter_context(Client(server.address, timeout=600))
+
+
+def _with_cpu(
+    items: int, server: ServerProcess, store_pid: int | None, work: Callable[[], T]
+) -> tuple[T, CpuSplit | None]:
+    results: list[T] = []
+    split = measure_cpu(items, server.pid or 0, store_pid, lambda: results.append(work()))
+    return results[0], split
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -215,42 +228,65 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run(
-    count: int, work: Path, *, server: bool = True, lite: bool = True, log: Callable[[str], None]
+    count: int,
+    work: Path,
+    *,
+    server: bool = True,
+    lite: bool = True,
+    serve_args: Sequence[str] = (),
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     started = time.perf_counter()
     items = demo_items(count)
     log(f"generated {count} items in {time.perf_counter() - started:.1f} s")
-    report: dict[str, Any] = {"items": count, "load_average": list(os.getloadavg())}
+    report: dict[str, Any] = {
+        "items": count,
+        "load_average": list(os.getloadavg()),
+        "serve_args": list(serve_args),
+    }
     encoder: float | None = None
     lite_run: IngestRun | None = None
     server_run: IngestRun | None = None
     raw_lite: float | None = None
     raw_server: float | None = None
     encoder_beside_server: float | None = None
+    cpu: dict[str, dict[str, float] | None] = {}
     dim = 0
     if lite:
         with ExitStack() as stack:
-            client = _serve(stack, str(work / "lite.db"), 0)
+            serving = _serve(stack, str(work / "lite.db"), serve_args)
+            client = stack.enter_context(Client(serving.address, timeout=600))
             dim = client.info().dim
             list(client.encode_stream([[items[0].image], [items[0].caption]]))  # warm up
-            encoder = encoder_rate(client, items)
+            encoder, split = _with_cpu(count, serving, None, lambda: encoder_rate(client, items))
+            cpu["encoder_lite"] = split.to_dict() if split else None
             log(f"encoder only: {encoder:.0f} items/s")
-            lite_run = ingest_rate(client, items)
-            log(f"ingest into Milvus Lite: {lite_run.items_per_s:.0f} items/s")
+            ingested, split = _with_cpu(count, serving, None, lambda: ingest_rate(client, items))
+            cpu["ingest_lite"] = split.to_dict() if split else None
+            log(f"ingest into Milvus Lite: {ingested.items_per_s:.0f} items/s")
+            lite_run = ingested
         raw_lite = raw_upsert_rate(str(work / "raw.db"), count, dim)
         log(f"raw pymilvus upserts into Milvus Lite: {raw_lite:.0f} items/s")
     if server:
         executable = required_milvus_server_executable()
         with ExitStack() as stack:
             milvus = stack.enter_context(MilvusServerProcess(work / "milvus", executable))
-            client = _serve(stack, milvus.uri, 0)
+            serving = _serve(stack, milvus.uri, serve_args)
+            client = stack.enter_context(Client(serving.address, timeout=600))
             dim = client.info().dim
             # Measured again beside the Milvus server, which takes CPU of its own even idle.
             list(client.encode_stream([[items[0].image], [items[0].caption]]))
-            encoder_beside_server = encoder_rate(client, items)
+            encoder_beside_server, split = _with_cpu(
+                count, serving, milvus.pid, lambda: encoder_rate(client, items)
+            )
+            cpu["encoder_server"] = split.to_dict() if split else None
             log(f"encoder only, beside the Milvus server: {encoder_beside_server:.0f} items/s")
-            server_run = ingest_rate(client, items)
-            log(f"ingest into a Milvus server: {server_run.items_per_s:.0f} items/s")
+            ingested, split = _with_cpu(
+                count, serving, milvus.pid, lambda: ingest_rate(client, items)
+            )
+            cpu["ingest_server"] = split.to_dict() if split else None
+            log(f"ingest into a Milvus server: {ingested.items_per_s:.0f} items/s")
+            server_run = ingested
             raw_server = raw_upsert_rate(milvus.uri, count, dim)
             log(f"raw pymilvus upserts into a Milvus server: {raw_server:.0f} items/s")
     lite_rate = lite_run.items_per_s if lite_run else None
@@ -269,6 +305,7 @@ def run(
         ingest_vs_raw_lite=_ratio(lite_rate, raw_lite),
         lite=lite_run.to_dict() if lite_run else None,
         server=server_run.to_dict() if server_run else None,
+        cpu=cpu,
     )
     return report
 
@@ -279,7 +316,12 @@ def main(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="clipsearch-bench-ingest-") as work:
         report = run(
-            args.count, Path(work), server=not args.no_server, lite=not args.no_lite, log=log
+            args.count,
+            Path(work),
+            server=not args.no_server,
+            lite=not args.no_lite,
+            serve_args=args.serve_arg,
+            log=log,
         )
     if args.json:
         print(json.dumps(report, indent=2))

@@ -36,6 +36,10 @@ class ServerProcess:
         self._log_path = Path(self._workdir.name) / "server.log"
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
     def log(self) -> str:
         return self._log_path.read_text(encoding="utf-8", errors="replace")
 
