@@ -101,7 +101,8 @@ def register(commands: Any) -> None:
         help="streaming ingest vs the encoder-only rate, into Milvus Lite and a Milvus server",
         description=(
             "Generates --count demo images with captions and, in one run, measures the "
-            "encoder-only rate (EncodeStream, batches of 32), ingest into Milvus Lite and into a "
+            "encoder-only rate (EncodeStream, batches of 32), ingest with no store (memory:), "
+            "into Milvus Lite and into a "
             "Milvus server started for the run (milvus-server), and raw pymilvus upserts into "
             "each (the store's own limit). Prints ingest_vs_encoder_server, "
             "ingest_vs_encoder_lite and every rate, and (on Linux) the CPU milliseconds per "
@@ -112,6 +113,9 @@ def register(commands: Any) -> None:
     ingest.add_argument("--count", type=int, default=10_000, help="items (default: 10000)")
     ingest.add_argument("--no-server", action="store_true", help="skip the Milvus server")
     ingest.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
+    ingest.add_argument(
+        "--no-memory", action="store_true", help="skip the pass with no store (memory:)"
+    )
     ingest.add_argument(
         "--serve-arg",
         action="append",

@@ -6,6 +6,8 @@ Generates N demo scenes (JPEG + English caption + a little metadata) in memory, 
   - ingest into Milvus Lite (the server's own file) and into a Milvus server started for
     the run (`milvus-server`), through `Client.ingest`, into a collection created before
     the clock starts (creating one takes seconds on a server);
+  - ingest with no store at all (`--milvus-uri memory:`, the server's in-memory store): the
+    cost of the ingest path itself, apart from any store's (`ingest_vs_encoder_memory`);
   - Lite's and the server's own limits: raw pymilvus upserts of the same number of rows
     (image row + caption row per item, batches of the server's group-commit size) from
     this process, no clipsearch code in between.
@@ -49,6 +51,7 @@ from clipsearch.export.demo_data import (
     sample_scene,
     scene_rng,
 )
+from clipsearch.server.limits import IN_MEMORY_STORE
 from clipsearch.server.process import ServerProcess
 from clipsearch.server.store.indexing import IndexConfig
 
@@ -63,10 +66,13 @@ RESULT_KEYS = (
     "items",
     "encoder_items_per_s",
     "encoder_beside_server_items_per_s",
+    "encoder_memory_items_per_s",
+    "ingest_memory_items_per_s",
     "ingest_lite_items_per_s",
     "ingest_server_items_per_s",
     "raw_upsert_lite_items_per_s",
     "raw_upsert_server_items_per_s",
+    "ingest_vs_encoder_memory",
     "ingest_vs_encoder_lite",
     "ingest_vs_encoder_server",
     "ingest_vs_raw_lite",
@@ -233,6 +239,7 @@ def run(
     *,
     server: bool = True,
     lite: bool = True,
+    memory: bool = True,
     serve_args: Sequence[str] = (),
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -245,6 +252,8 @@ def run(
         "serve_args": list(serve_args),
     }
     encoder: float | None = None
+    encoder_memory: float | None = None
+    memory_run: IngestRun | None = None
     lite_run: IngestRun | None = None
     server_run: IngestRun | None = None
     raw_lite: float | None = None
@@ -252,6 +261,19 @@ def run(
     encoder_beside_server: float | None = None
     cpu: dict[str, dict[str, float] | None] = {}
     dim = 0
+    if memory:
+        with ExitStack() as stack:
+            serving = _serve(stack, IN_MEMORY_STORE, serve_args)
+            client = stack.enter_context(Client(serving.address, timeout=600))
+            list(client.encode_stream([[items[0].image], [items[0].caption]]))  # warm up
+            encoder_memory, split = _with_cpu(
+                count, serving, None, lambda: encoder_rate(client, items)
+            )
+            cpu["encoder_memory"] = split.to_dict() if split else None
+            ingested, split = _with_cpu(count, serving, None, lambda: ingest_rate(client, items))
+            cpu["ingest_memory"] = split.to_dict() if split else None
+            log(f"ingest with no store (in memory): {ingested.items_per_s:.0f} items/s")
+            memory_run = ingested
     if lite:
         with ExitStack() as stack:
             serving = _serve(stack, str(work / "lite.db"), serve_args)
@@ -289,10 +311,13 @@ def run(
             server_run = ingested
             raw_server = raw_upsert_rate(milvus.uri, count, dim)
             log(f"raw pymilvus upserts into a Milvus server: {raw_server:.0f} items/s")
+    memory_rate = memory_run.items_per_s if memory_run else None
     lite_rate = lite_run.items_per_s if lite_run else None
     server_rate = server_run.items_per_s if server_run else None
     report.update(
         encoder_items_per_s=round(encoder, 1) if encoder else None,
+        encoder_memory_items_per_s=round(encoder_memory, 1) if encoder_memory else None,
+        ingest_memory_items_per_s=round(memory_rate, 1) if memory_rate else None,
         encoder_beside_server_items_per_s=(
             round(encoder_beside_server, 1) if encoder_beside_server else None
         ),
@@ -300,9 +325,11 @@ def run(
         ingest_server_items_per_s=round(server_run.items_per_s, 1) if server_run else None,
         raw_upsert_lite_items_per_s=round(raw_lite, 1) if raw_lite else None,
         raw_upsert_server_items_per_s=round(raw_server, 1) if raw_server else None,
+        ingest_vs_encoder_memory=_ratio(memory_rate, encoder_memory),
         ingest_vs_encoder_lite=_ratio(lite_rate, encoder),
         ingest_vs_encoder_server=_ratio(server_rate, encoder_beside_server),
         ingest_vs_raw_lite=_ratio(lite_rate, raw_lite),
+        memory=memory_run.to_dict() if memory_run else None,
         lite=lite_run.to_dict() if lite_run else None,
         server=server_run.to_dict() if server_run else None,
         cpu=cpu,
@@ -320,6 +347,7 @@ def main(args: argparse.Namespace) -> int:
             Path(work),
             server=not args.no_server,
             lite=not args.no_lite,
+            memory=not args.no_memory,
             serve_args=args.serve_arg,
             log=log,
         )

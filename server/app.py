@@ -50,6 +50,7 @@ from clipsearch.server.interceptors import (
     Interceptor,
     TelemetryInterceptor,
 )
+from clipsearch.server.limits import is_in_memory_store
 from clipsearch.server.metrics import MetricsEndpoint, ServerMetrics
 from clipsearch.server.pipeline import EncodingPipeline, InferenceBackend
 from clipsearch.server.search import Searcher
@@ -217,7 +218,14 @@ def default_components() -> Components:
     def encoder(settings: Settings) -> OnnxEncoder:
         return OnnxEncoder(served_bundle(settings), EncoderOptions.from_settings(settings))
 
-    return Components(encoder=encoder, store=MilvusStore.from_settings)
+    return Components(encoder=encoder, store=open_store)
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """The store `milvus_uri` names: Milvus (Lite or a server), or one in this process's memory."""
+    if is_in_memory_store(settings.milvus_uri):
+        return InMemoryStore()
+    return MilvusStore.from_settings(settings)
 
 
 def fake_components(fail_when: Callable[[np.ndarray], bool] | None = None) -> Components:

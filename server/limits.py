@@ -49,9 +49,16 @@ INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
 METRICS = ("IP", "COSINE")
 
 
+IN_MEMORY_STORE = "memory:"  # the store URI of a store in the server's memory, kept nowhere
+
+
+def is_in_memory_store(uri: str) -> bool:
+    return uri == IN_MEMORY_STORE
+
+
 def is_milvus_lite(uri: str) -> bool:
     """A local path means Milvus Lite (embedded); a URL (http://host:19530) a Milvus server."""
-    return "://" not in uri
+    return "://" not in uri and not is_in_memory_store(uri)
 
 
 # --- model -------------------------------------------------------------------------------

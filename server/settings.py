@@ -156,7 +156,8 @@ class Settings:
     # --- store
     milvus_uri: str = _setting(
         "./clipsearch.db",
-        "a local path (Milvus Lite, embedded) or http://host:19530 (Milvus server/cluster)",
+        "a local path (Milvus Lite, embedded), http://host:19530 (Milvus server/cluster), or "
+        "memory: (in the server's memory, lost when it stops: for trials and benchmarks)",
     )
     milvus_token: str = _setting("", "Milvus token or user:password (never logged)")
     index_type: str = _setting("HNSW", "vector index of new collections", INDEX_TYPES)

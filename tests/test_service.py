@@ -628,3 +628,18 @@ def test_start_up_logs_no_dependency_chatter(tmp_path: Path) -> None:
     assert "Milvus Lite " in run.stderr  # the store's own INFO lines remain
     assert "served on unix:" in run.stderr
     assert run.stdout.strip() == str(logging.CRITICAL)
+
+
+def test_memory_store_serves_the_real_model_and_keeps_nothing_on_disk(tmp_path: Path) -> None:
+    with (
+        ThreadedServer(settings(tmp_path, milvus_uri="memory:")) as running,
+        grpc.insecure_channel(running.address) as channel,
+    ):
+        memory = pb_grpc.ClipSearchStub(channel)
+        assert memory.Info(pb.InfoRequest(), timeout=10).store == "memory"
+        requests = [options("kept")] + [item(i, id=f"k{i}") for i in range(3)]
+        acks = acks_of(memory.Ingest(iter(requests), timeout=60))
+        assert [a.status for a in acks] == [pb.INGEST_STATUS_OK] * 3
+        found = memory.Search(pb.SearchRequest(collection="kept", image=jpeg(1), top_k=1))
+        assert [hit.id for hit in found.hits] == ["k1"]
+    assert list(tmp_path.iterdir()) == []  # no Milvus Lite file was made

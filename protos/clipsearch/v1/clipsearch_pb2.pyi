@@ -309,7 +309,7 @@ class InfoResponse(_message.Message):
     version: _builtins.str
     """clipsearch version"""
     store: _builtins.str
-    """milvus-lite | milvus (never the token)"""
+    """milvus-lite | milvus | memory (never the token)"""
     model_id: _builtins.str
     """fingerprint recorded in collections built with it"""
     @_builtins.property
