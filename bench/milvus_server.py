@@ -25,6 +25,8 @@ from types import TracebackType
 
 from pymilvus import MilvusClient
 
+from clipsearch.server.process import interrupt_then_kill
+
 STARTUP_TIMEOUT_S = 90.0
 # The internal ports of milvus-server's components (root coord, query node, ...) have fixed
 # defaults: two servers on one machine would call each other's components. Each instance takes
@@ -237,15 +239,7 @@ class MilvusServerProcess:
         process, self._process = self._process, None
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                return process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                return process.wait(timeout=5)
-        return process.returncode
+        return interrupt_then_kill(process, timeout_s, process_group=True)
 
     def __enter__(self) -> MilvusServerProcess:
         self.start()

@@ -3,6 +3,7 @@ the server exactly as users run it (its own process, signals, graceful shutdown)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,25 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+
+def interrupt_then_kill(
+    process: subprocess.Popen[bytes], timeout_s: float, *, process_group: bool = False
+) -> int:
+    """SIGINT (a graceful stop), then SIGKILL, of its whole process group with
+    `process_group`, if it has not exited within `timeout_s`; returns its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            if process_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            return process.wait(timeout=10)
+    return process.returncode
 
 
 class ServerProcessError(RuntimeError):
@@ -68,18 +88,8 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGINT (graceful drain), then SIGKILL if it does not exit in time."""
-        process = self._process
-        if process is None:
-            return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._process = None
-        return process.returncode
+        process, self._process = self._process, None
+        return 0 if process is None else interrupt_then_kill(process, timeout_s)
 
     def __enter__(self) -> ServerProcess:
         self.start()
