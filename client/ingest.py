@@ -456,65 +456,16 @@ class SyncSource:
                 continue
 
 
-class SyncIngestStream(IngestRun, Iterator[IngestResult]):
-    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+class SyncSender:
+    """The request side of one sync run's attempts: slots, resends and source items gathered
+    into messages."""
 
-    Closing it (or breaking out of the loop and dropping it) cancels the stream.
-    """
+    def __init__(self, state: IngestState, source: SyncSource) -> None:
+        self._state = state
+        self._source = source
 
-    def __init__(
-        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
-    ) -> None:
-        super().__init__(state)
-        self._source = SyncSource(items, state)
-        self._open_stream = open_stream
-        self._results = self._run()
-
-    def __iter__(self) -> SyncIngestStream:
-        return self
-
-    def __next__(self) -> IngestResult:
-        return next(self._results)
-
-    def close(self) -> None:
-        self._results.close()
-
-    def run(self) -> IngestSummary:
-        """Consume all results; returns the summary."""
-        for _ in self:
-            pass
-        return self.summary
-
-    def _run(self) -> Generator[IngestResult]:
-        state = self.state
-        try:
-            while True:
-                attempt = state.begin_attempt()
-                slots = threading.Semaphore(state.window)
-                call = self._open_stream(self._requests(attempt, slots))
-                error: ClipsearchError | None = None
-                try:
-                    for response in call:
-                        slots.release(len(response.acks))
-                        yield from _results(state, response)
-                except grpc.RpcError as exc:
-                    error = from_rpc_error(exc)
-                finally:
-                    state.end_attempt(attempt)
-                    cancel = getattr(call, "cancel", None)
-                    if cancel is not None:
-                        cancel()
-                yield from state.local_results()
-                delay = state.after_stream(error)
-                if delay is None:
-                    return
-                time.sleep(delay)
-        finally:
-            self._source.close()
-            state.close()
-
-    def _requests(self, attempt: Attempt, slots: threading.Semaphore) -> Iterator[pb.IngestRequest]:
-        state = self.state
+    def requests(self, attempt: Attempt, slots: threading.Semaphore) -> Iterator[pb.IngestRequest]:
+        state = self._state
         yield state.options
         message = MessageBuilder()
         while True:
@@ -549,7 +500,7 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
                     return None
         elif not slots.acquire(blocking=False):
             return WOULD_BLOCK
-        entry = self.state.next_resend(attempt)
+        entry = self._state.next_resend(attempt)
         if entry is not None:
             return entry
         item = self._source.get(attempt, wait)
@@ -558,8 +509,69 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
             return item
         if item is None:
             return None
-        seq = self.state.register(attempt, item)
+        seq = self._state.register(attempt, item)
         return None if seq is None else (seq, item)
+
+
+class SyncIngestStream(IngestRun, Iterator[IngestResult]):
+    """Results of `Client.ingest()` as they arrive; `.summary` counts them.
+
+    Closing it (or breaking out of the loop and dropping it) cancels the stream.
+    """
+
+    def __init__(
+        self, state: IngestState, items: Iterable[IngestItem], open_stream: OpenSyncStream
+    ) -> None:
+        super().__init__(state)
+        self._source = SyncSource(items, state)
+        # The request side (iterated by gRPC's thread) holds the source, not this stream,
+        # so a stream the caller drops is collected, which cancels the call.
+        self._sender = SyncSender(state, self._source)
+        self._open_stream = open_stream
+        self._results = self._run()
+
+    def __iter__(self) -> SyncIngestStream:
+        return self
+
+    def __next__(self) -> IngestResult:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+
+    def run(self) -> IngestSummary:
+        """Consume all results; returns the summary."""
+        for _ in self:
+            pass
+        return self.summary
+
+    def _run(self) -> Generator[IngestResult]:
+        state = self.state
+        try:
+            while True:
+                attempt = state.begin_attempt()
+                slots = threading.Semaphore(state.window)
+                call = self._open_stream(self._sender.requests(attempt, slots))
+                error: ClipsearchError | None = None
+                try:
+                    for response in call:
+                        slots.release(len(response.acks))
+                        yield from _results(state, response)
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+                finally:
+                    state.end_attempt(attempt)
+                    cancel = getattr(call, "cancel", None)
+                    if cancel is not None:
+                        cancel()
+                yield from state.local_results()
+                delay = state.after_stream(error)
+                if delay is None:
+                    return
+                time.sleep(delay)
+        finally:
+            self._source.close()
+            state.close()
 
 
 # --- the asyncio driver ----------------------------------------------------------------
