@@ -401,25 +401,21 @@ class SyncSource:
         self._lock = threading.Lock()
 
     def get(self, attempt: Attempt, wait: bool) -> IngestItem | _WouldBlock | None:
-        """The next item; None once the source is done (or the attempt ended while waiting);
-        WOULD_BLOCK when none is ready and `wait` is false."""
+        """The next item; None once the source is done or the attempt ended; WOULD_BLOCK
+        when none is ready (within one poll if `wait`)."""
         if self._in_memory:
             return _next_in_memory(self._items, self._state)
         self._start()
-        while not self._state.source_done:
-            try:
-                entry = self._queue.get(timeout=SLOT_POLL_S) if wait else self._queue.get_nowait()
-            except queue.Empty:
-                if not wait:
-                    return WOULD_BLOCK
-                if attempt.ended():
-                    return None
-                continue
-            if isinstance(entry, _End):
-                self._state.source_finished(entry.error)
-                return None
-            return entry
-        return None
+        if self._state.source_done or attempt.ended():
+            return None
+        try:
+            entry = self._queue.get(timeout=SLOT_POLL_S) if wait else self._queue.get_nowait()
+        except queue.Empty:
+            return None if attempt.ended() else WOULD_BLOCK
+        if isinstance(entry, _End):
+            self._state.source_finished(entry.error)
+            return None
+        return entry
 
     def close(self) -> None:
         self._closed.set()
@@ -469,7 +465,7 @@ class SyncSender:
         yield state.options
         message = MessageBuilder()
         while True:
-            entry = self._next(attempt, slots, wait=not message)
+            entry = self.next(attempt, slots, wait=not message)
             if isinstance(entry, _WouldBlock):
                 yield message.take()
                 continue
@@ -489,7 +485,7 @@ class SyncSender:
             if message.full():
                 yield message.take()
 
-    def _next(
+    def next(
         self, attempt: Attempt, slots: threading.Semaphore, wait: bool
     ) -> tuple[int, IngestItem] | _WouldBlock | None:
         """A slot and the next item to send (one to resend first), registered; None at the
@@ -500,13 +496,17 @@ class SyncSender:
                     return None
         elif not slots.acquire(blocking=False):
             return WOULD_BLOCK
-        entry = self._state.next_resend(attempt)
-        if entry is not None:
-            return entry
-        item = self._source.get(attempt, wait)
-        if isinstance(item, _WouldBlock):
-            slots.release()
-            return item
+        while True:
+            # Checked at every poll: an item an ended attempt took meanwhile comes back here.
+            entry = self._state.next_resend(attempt)
+            if entry is not None:
+                return entry
+            item = self._source.get(attempt, wait)
+            if not isinstance(item, _WouldBlock):
+                break
+            if not wait:
+                slots.release()
+                return item
         if item is None:
             return None
         seq = self._state.register(attempt, item)
@@ -732,7 +732,7 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
     async def _next(
         self, attempt: Attempt, slots: asyncio.Semaphore, wait: bool
     ) -> tuple[int, IngestItem] | _WouldBlock | None:
-        """Like `SyncIngestStream._next`."""
+        """Like `SyncSender.next`."""
         if wait:
             await slots.acquire()
         elif slots.locked():

@@ -49,6 +49,8 @@ from clipsearch.client.ingest import (
     Backoff,
     IngestState,
     SyncIngestStream,
+    SyncSender,
+    SyncSource,
 )
 from clipsearch.client.profile import Profile, Sample
 from clipsearch.client.sources import RowError, SourceError, open_source
@@ -1064,6 +1066,36 @@ async def test_cancelling_an_async_ingest_leaves_no_task_behind() -> None:
     assert [t for t in others if not t.done()] == []
     gc.collect()
     assert errors == []
+
+
+def test_an_item_an_ended_attempt_took_is_sent_by_the_current_one_without_waiting() -> None:
+    """The old attempt's request thread may take an item from the source after its stream
+    broke; the new attempt, already waiting on a slow source, must send it at once."""
+    state = _state(window=4)
+    stalled = threading.Event()
+
+    def slow() -> Iterator[IngestItem]:
+        stalled.wait(10)
+        yield IngestItem(id="late", image=b"l")
+
+    source = SyncSource(slow(), state)
+    sender = SyncSender(state, source)
+    old = state.begin_attempt()
+    state.end_attempt(old)
+    current = state.begin_attempt()
+    got: queue.Queue[Any] = queue.Queue()
+    waiting = threading.Thread(
+        target=lambda: got.put(sender.next(current, threading.Semaphore(4), wait=True))
+    )
+    waiting.start()
+    try:
+        taken = IngestItem(id="taken", image=b"t")
+        assert state.register(old, taken) is None  # what the old attempt does with its item
+        assert got.get(timeout=2) == (0, taken)
+    finally:
+        stalled.set()
+        source.close()
+        waiting.join(5)
 
 
 class FakeIngestStub:

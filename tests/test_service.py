@@ -687,7 +687,9 @@ def test_items_acked_before_a_protocol_error_stay_stored(stub: pb_grpc.ClipSearc
 
         got: list[pb.IngestAck] = []
 
-        def run(r: Any = requests, a: threading.Event = acked) -> None:
+        def run(
+            r: Any = requests, a: threading.Event = acked, got: list[pb.IngestAck] = got
+        ) -> None:
             for response in stub.Ingest(r(), timeout=60):
                 got.extend(response.acks)
                 a.set()
@@ -700,16 +702,16 @@ def test_items_acked_before_a_protocol_error_stay_stored(stub: pb_grpc.ClipSearc
 
 
 def test_a_message_of_more_items_than_the_window_and_one_too_large(tmp_path: Path) -> None:
-    with ThreadedServer(settings(tmp_path, ingest_window=4, max_message_mb=1)) as small:
-        with grpc.insecure_channel(small.address) as ch:
-            tiny = pb_grpc.ClipSearchStub(ch)
-            many = pb.IngestRequest(
-                items=[pb.IngestItem(seq=i, id=f"w{i}", image=jpeg(i)) for i in range(20)]
-            )
-            acks = acks_of(tiny.Ingest(iter([options("w"), many]), timeout=60))
-            assert sorted(a.seq for a in acks) == list(range(20))
-            assert {a.status for a in acks} == {pb.INGEST_STATUS_OK}
-            huge = item(99, id="huge", image=b"\0" * (1024 * 1024 + 1))
-            code, _ = code_of(lambda: acks_of(tiny.Ingest(iter([options("w"), huge]), timeout=30)))
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert tiny.Count(pb.CountRequest(collection="w"), timeout=10).count == 20
+    small_settings = settings(tmp_path, ingest_window=4, max_message_mb=1)
+    with ThreadedServer(small_settings) as small, grpc.insecure_channel(small.address) as ch:
+        tiny = pb_grpc.ClipSearchStub(ch)
+        many = pb.IngestRequest(
+            items=[pb.IngestItem(seq=i, id=f"w{i}", image=jpeg(i)) for i in range(20)]
+        )
+        acks = acks_of(tiny.Ingest(iter([options("w"), many]), timeout=60))
+        assert sorted(a.seq for a in acks) == list(range(20))
+        assert {a.status for a in acks} == {pb.INGEST_STATUS_OK}
+        huge = item(99, id="huge", image=b"\0" * (1024 * 1024 + 1))
+        code, _ = code_of(lambda: acks_of(tiny.Ingest(iter([options("w"), huge]), timeout=30)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert tiny.Count(pb.CountRequest(collection="w"), timeout=10).count == 20
