@@ -663,14 +663,16 @@ def test_a_message_mixing_good_and_bad_items_fails_only_the_bad_ones(
             pb.IngestItem(seq=7, id="x7b", image=jpeg(8)),
         ]
     )
-    acks = acks_of(stub.Ingest(iter([options("mixed"), mixed]), timeout=60))
+    acks = acks_of(stub.Ingest(iter([options("one_message"), mixed]), timeout=60))
     assert sorted(a.seq for a in acks) == [1, 2, 3, 4, 5, 6, 7, 7]
     status = {(a.seq, a.id): a.status for a in acks}
     failed = {key for key, s in status.items() if s == pb.INGEST_STATUS_FAILED}
     assert {seq for seq, _ in failed} == {2, 3, 4}
     assert all(a.error_code == 3 for a in acks if a.status == pb.INGEST_STATUS_FAILED)
-    assert stub.Count(pb.CountRequest(collection="mixed"), timeout=10).count == 4
-    got = stub.Get(pb.GetRequest(collection="mixed", ids=["x1", "dup", "x7", "x7b"]), timeout=10)
+    assert stub.Count(pb.CountRequest(collection="one_message"), timeout=10).count == 4
+    got = stub.Get(
+        pb.GetRequest(collection="one_message", ids=["x1", "dup", "x7", "x7b"]), timeout=10
+    )
     assert sorted(i.id for i in got.items) == ["dup", "x1", "x7", "x7b"]
     assert [i.caption for i in got.items if i.id == "dup"] == ["second"]
 
