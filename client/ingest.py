@@ -401,25 +401,21 @@ class SyncSource:
         self._lock = threading.Lock()
 
     def get(self, attempt: Attempt, wait: bool) -> IngestItem | _WouldBlock | None:
-        """The next item; None once the source is done (or the attempt ended while waiting);
-        WOULD_BLOCK when none is ready and `wait` is false."""
+        """The next item; None once the source is done or the attempt ended; WOULD_BLOCK
+        when none is ready (within one poll if `wait`)."""
         if self._in_memory:
             return _next_in_memory(self._items, self._state)
         self._start()
-        while not self._state.source_done:
-            try:
-                entry = self._queue.get(timeout=SLOT_POLL_S) if wait else self._queue.get_nowait()
-            except queue.Empty:
-                if not wait:
-                    return WOULD_BLOCK
-                if attempt.ended():
-                    return None
-                continue
-            if isinstance(entry, _End):
-                self._state.source_finished(entry.error)
-                return None
-            return entry
-        return None
+        if self._state.source_done or attempt.ended():
+            return None
+        try:
+            entry = self._queue.get(timeout=SLOT_POLL_S) if wait else self._queue.get_nowait()
+        except queue.Empty:
+            return None if attempt.ended() else WOULD_BLOCK
+        if isinstance(entry, _End):
+            self._state.source_finished(entry.error)
+            return None
+        return entry
 
     def close(self) -> None:
         self._closed.set()
@@ -456,6 +452,67 @@ class SyncSource:
                 continue
 
 
+class SyncSender:
+    """The request side of one sync run's attempts: slots, resends and source items gathered
+    into messages."""
+
+    def __init__(self, state: IngestState, source: SyncSource) -> None:
+        self._state = state
+        self._source = source
+
+    def requests(self, attempt: Attempt, slots: threading.Semaphore) -> Iterator[pb.IngestRequest]:
+        state = self._state
+        yield state.options
+        message = MessageBuilder()
+        while True:
+            entry = self.next(attempt, slots, wait=not message)
+            if isinstance(entry, _WouldBlock):
+                yield message.take()
+                continue
+            if entry is None:
+                if message and not attempt.ended():
+                    yield message.take()
+                return
+            item = state.message(*entry)
+            if attempt.ended():
+                return
+            if item is None:
+                slots.release()
+                continue
+            if not message.fits(item):
+                yield message.take()
+            message.add(item)
+            if message.full():
+                yield message.take()
+
+    def next(
+        self, attempt: Attempt, slots: threading.Semaphore, wait: bool
+    ) -> tuple[int, IngestItem] | _WouldBlock | None:
+        """A slot and the next item to send (one to resend first), registered; None at the
+        end or when the attempt ended; WOULD_BLOCK if `wait` is false and either is lacking."""
+        if wait:
+            while not slots.acquire(timeout=SLOT_POLL_S):
+                if attempt.ended():
+                    return None
+        elif not slots.acquire(blocking=False):
+            return WOULD_BLOCK
+        while True:
+            # Checked at every poll: an item an ended attempt took meanwhile comes back here.
+            entry = self._state.next_resend(attempt)
+            if entry is not None:
+                return entry
+            item = self._source.get(attempt, wait)
+            if not isinstance(item, _WouldBlock):
+                break
+            if not wait:
+                slots.release()
+                return item
+        if item is None:
+            return None
+        seq = self._state.register(attempt, item)
+        return None if seq is None else (seq, item)
+
+
 class SyncIngestStream(IngestRun, Iterator[IngestResult]):
     """Results of `Client.ingest()` as they arrive; `.summary` counts them.
 
@@ -467,6 +524,9 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
     ) -> None:
         super().__init__(state)
         self._source = SyncSource(items, state)
+        # The request side (iterated by gRPC's thread) holds the source, not this stream,
+        # so a stream the caller drops is collected, which cancels the call.
+        self._sender = SyncSender(state, self._source)
         self._open_stream = open_stream
         self._results = self._run()
 
@@ -491,7 +551,7 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
             while True:
                 attempt = state.begin_attempt()
                 slots = threading.Semaphore(state.window)
-                call = self._open_stream(self._requests(attempt, slots))
+                call = self._open_stream(self._sender.requests(attempt, slots))
                 error: ClipsearchError | None = None
                 try:
                     for response in call:
@@ -512,54 +572,6 @@ class SyncIngestStream(IngestRun, Iterator[IngestResult]):
         finally:
             self._source.close()
             state.close()
-
-    def _requests(self, attempt: Attempt, slots: threading.Semaphore) -> Iterator[pb.IngestRequest]:
-        state = self.state
-        yield state.options
-        message = MessageBuilder()
-        while True:
-            entry = self._next(attempt, slots, wait=not message)
-            if isinstance(entry, _WouldBlock):
-                yield message.take()
-                continue
-            if entry is None:
-                if message and not attempt.ended():
-                    yield message.take()
-                return
-            item = state.message(*entry)
-            if attempt.ended():
-                return
-            if item is None:
-                slots.release()
-                continue
-            if not message.fits(item):
-                yield message.take()
-            message.add(item)
-            if message.full():
-                yield message.take()
-
-    def _next(
-        self, attempt: Attempt, slots: threading.Semaphore, wait: bool
-    ) -> tuple[int, IngestItem] | _WouldBlock | None:
-        """A slot and the next item to send (one to resend first), registered; None at the
-        end or when the attempt ended; WOULD_BLOCK if `wait` is false and either is lacking."""
-        if wait:
-            while not slots.acquire(timeout=SLOT_POLL_S):
-                if attempt.ended():
-                    return None
-        elif not slots.acquire(blocking=False):
-            return WOULD_BLOCK
-        entry = self.state.next_resend(attempt)
-        if entry is not None:
-            return entry
-        item = self._source.get(attempt, wait)
-        if isinstance(item, _WouldBlock):
-            slots.release()
-            return item
-        if item is None:
-            return None
-        seq = self.state.register(attempt, item)
-        return None if seq is None else (seq, item)
 
 
 # --- the asyncio driver ----------------------------------------------------------------
@@ -720,7 +732,7 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
     async def _next(
         self, attempt: Attempt, slots: asyncio.Semaphore, wait: bool
     ) -> tuple[int, IngestItem] | _WouldBlock | None:
-        """Like `SyncIngestStream._next`."""
+        """Like `SyncSender.next`."""
         if wait:
             await slots.acquire()
         elif slots.locked():

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import inspect
+import itertools
 import json
 import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,8 @@ from clipsearch.client.ingest import (
     Backoff,
     IngestState,
     SyncIngestStream,
+    SyncSender,
+    SyncSource,
 )
 from clipsearch.client.profile import Profile, Sample
 from clipsearch.client.sources import RowError, SourceError, open_source
@@ -951,6 +956,146 @@ async def test_async_ingest_accepts_sync_iterables() -> None:
     server = FakeIngestServer(window=2)
     summary = await AsyncIngestStream(_state(window=2), _items(5), server.open_async).run()
     assert (summary.ok, summary.failed, summary.skipped) == (5, 0, 0)
+
+
+def _source_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "clipsearch-ingest-source"]
+
+
+def _no_source_thread_within(seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _source_threads():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _endless() -> Iterator[IngestItem]:
+    for k in itertools.count():
+        yield IngestItem(id=f"e{k}", image=b"e")
+
+
+def test_an_empty_generator_source_ends_at_once_with_nothing() -> None:
+    server = FakeIngestServer(window=2)
+    stream = SyncIngestStream(_state(window=2), iter(()), server.open_sync)
+    assert list(stream) == []
+    assert (stream.summary.ok, stream.summary.failed, stream.reconnects) == (0, 0, 0)
+    assert server.received == [[]]
+    assert _no_source_thread_within(5)
+
+
+async def test_an_empty_async_source_ends_at_once_with_nothing() -> None:
+    async def nothing() -> AsyncIterator[IngestItem]:
+        return
+        yield
+
+    server = FakeIngestServer(window=2)
+    summary = await AsyncIngestStream(_state(window=2), nothing(), server.open_async).run()
+    assert (summary.ok, summary.failed, summary.reconnects) == (0, 0, 0)
+    assert server.received == [[]]
+
+
+def test_closing_the_stream_stops_reading_the_source() -> None:
+    server = FakeIngestServer(window=2)
+    stream = SyncIngestStream(_state(window=2), _endless(), server.open_sync)
+    assert [next(stream).ok for _ in range(3)] == [True] * 3
+    assert len(_source_threads()) == 1
+    stream.close()
+    assert _no_source_thread_within(5)
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_breaking_out_of_the_loop_and_dropping_the_stream_stops_reading_the_source() -> None:
+    server = FakeIngestServer(window=2)
+    for taken, _ in enumerate(SyncIngestStream(_state(window=2), _endless(), server.open_sync)):
+        if taken == 2:
+            break
+    gc.collect()
+    assert _no_source_thread_within(5)
+
+
+def test_a_slow_source_gets_each_item_acked_before_the_next_is_read() -> None:
+    server = FakeIngestServer(window=1)
+    acked = [threading.Event() for _ in range(5)]
+
+    def source() -> Iterator[IngestItem]:
+        for k in range(5):
+            if k:
+                assert acked[k - 1].wait(10), f"item {k - 1} was not acked while the source waited"
+            yield IngestItem(id=f"s{k}", image=b"s")
+
+    stream = SyncIngestStream(_state(window=4), source(), server.open_sync)
+    for result in stream:
+        acked[result.seq].set()
+    assert stream.summary.ok == 5 and server.message_sizes == [1] * 5
+
+
+async def test_cancelling_an_async_ingest_leaves_no_task_behind() -> None:
+    async def endless() -> AsyncIterator[IngestItem]:
+        for k in itertools.count():
+            await asyncio.sleep(0)
+            yield IngestItem(id=f"a{k}", image=b"a")
+
+    async def ack_each(requests: AsyncIterator[pb.IngestRequest]) -> Any:
+        # Not FakeIngestServer: its asyncio.wait_for may swallow a cancel on Python 3.11.
+        async for request in requests:
+            if request.items:
+                yield pb.IngestResponse(acks=[pb.IngestAck(seq=i.seq) for i in request.items])
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    stream = AsyncIngestStream(_state(window=2), endless(), ack_each)
+    seen = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in stream:
+            seen.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(seen.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await stream.aclose()
+    others = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=5)
+    assert [t for t in others if not t.done()] == []
+    gc.collect()
+    assert errors == []
+
+
+def test_an_item_an_ended_attempt_took_is_sent_by_the_current_one_without_waiting() -> None:
+    """The old attempt's request thread may take an item from the source after its stream
+    broke; the new attempt, already waiting on a slow source, must send it at once."""
+    state = _state(window=4)
+    stalled = threading.Event()
+
+    def slow() -> Iterator[IngestItem]:
+        stalled.wait(10)
+        yield IngestItem(id="late", image=b"l")
+
+    source = SyncSource(slow(), state)
+    sender = SyncSender(state, source)
+    old = state.begin_attempt()
+    state.end_attempt(old)
+    current = state.begin_attempt()
+    got: queue.Queue[Any] = queue.Queue()
+    waiting = threading.Thread(
+        target=lambda: got.put(sender.next(current, threading.Semaphore(4), wait=True))
+    )
+    waiting.start()
+    try:
+        taken = IngestItem(id="taken", image=b"t")
+        assert state.register(old, taken) is None  # what the old attempt does with its item
+        assert got.get(timeout=2) == (0, taken)
+    finally:
+        stalled.set()
+        source.close()
+        waiting.join(5)
 
 
 class FakeIngestStub:

@@ -9,11 +9,12 @@ every item written once, acked once, nothing acked FAILED that is stored.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ from clipsearch.bench.faults import (
     health_status,
     make_items,
     store_counts,
+    stored_ids,
     tiny_filesystem,
 )
-from clipsearch.client import Backoff, Client, ResourceExhausted, Unavailable
+from clipsearch.client import AsyncClient, Backoff, Client, ResourceExhausted, Unavailable
 from clipsearch.client.ingest import IngestState
+from clipsearch.client.types import IngestItem
 from clipsearch.server.app import Components, fake_components
 from clipsearch.server.errors import ErrorCode, StorageFull
 from clipsearch.server.errors import Unavailable as StoreUnavailable
@@ -239,6 +242,69 @@ def test_a_draining_server_ends_streams_and_the_resume_outlasts_a_restart(
     assert ingest.error is None, ingest.error
     assert (counts["acked_ok"], counts["acked_failed"], counts["stored"]) == (600, 0, 600)
     assert counts["duplicate_acks"] == 0 and counts["reconnects"] >= 1
+
+
+def _stored_once(server: ThreadedServer, ids: list[str]) -> tuple[int, set[str]]:
+    with Client(server.address, timeout=60) as client:
+        return client.count(collection=COLLECTION), stored_ids(client, ids)
+
+
+def test_a_generator_source_outlasts_two_restarts_and_each_item_is_stored_once(
+    tmp_path: Path,
+) -> None:
+    items = make_items(300)
+    ids = [item.id for item in items]
+    server = ThreadedServer(quick_settings(tmp_path / "gen.db"), lite_components())
+    server.start()
+    try:
+        with Client(server.address, timeout=60) as client:
+            stream = client.ingest(
+                (item for item in items), collection=COLLECTION, window=32, backoff=QUICK_BACKOFF
+            )
+            results = []
+            for result in stream:
+                results.append(result)
+                if len(results) in (60, 180):
+                    server.restart()  # the stream in flight is cut off
+        count, stored = _stored_once(server, ids)
+    finally:
+        server.close()
+    assert sorted(r.id for r in results) == ids  # each reported once
+    assert {r.status for r in results} == {"ok"}
+    assert stream.reconnects >= 2
+    assert (count, stored) == (300, set(ids))
+
+
+async def test_an_async_generator_source_outlasts_a_restart_and_each_item_is_stored_once(
+    tmp_path: Path,
+) -> None:
+    items = make_items(200)
+    ids = [item.id for item in items]
+
+    async def source() -> AsyncIterator[IngestItem]:
+        for item in items:
+            await asyncio.sleep(0)
+            yield item
+
+    server = ThreadedServer(quick_settings(tmp_path / "agen.db"), lite_components())
+    server.start()
+    try:
+        async with AsyncClient(server.address, timeout=60) as client:
+            stream = client.ingest(
+                source(), collection=COLLECTION, window=32, backoff=QUICK_BACKOFF
+            )
+            results = []
+            async for result in stream:
+                results.append(result)
+                if len(results) == 80:
+                    await asyncio.to_thread(server.restart)
+        count, stored = await asyncio.to_thread(_stored_once, server, ids)
+    finally:
+        server.close()
+    assert sorted(r.id for r in results) == ids
+    assert {r.status for r in results} == {"ok"}
+    assert stream.reconnects >= 1
+    assert (count, stored) == (200, set(ids))
 
 
 def test_a_stream_opened_while_draining_takes_nothing(tmp_path: Path) -> None:

@@ -643,3 +643,77 @@ def test_memory_store_serves_the_real_model_and_keeps_nothing_on_disk(tmp_path: 
         found = memory.Search(pb.SearchRequest(collection="kept", image=jpeg(1), top_k=1))
         assert [hit.id for hit in found.hits] == ["k1"]
     assert list(tmp_path.iterdir()) == []  # no Milvus Lite file was made
+
+
+# --- ingest protocol abuse ---------------------------------------------------------------
+
+
+def test_a_message_mixing_good_and_bad_items_fails_only_the_bad_ones(
+    stub: pb_grpc.ClipSearchStub,
+) -> None:
+    mixed = pb.IngestRequest(
+        items=[
+            pb.IngestItem(seq=1, id="x1", image=jpeg(1)),
+            pb.IngestItem(seq=2, id="x2", image=b"\xff\xd8 not a jpeg"),
+            pb.IngestItem(seq=3, id="x3", image=jpeg(3), metadata_json="{not json"),
+            pb.IngestItem(seq=4, id="x" * 600, image=jpeg(4)),
+            pb.IngestItem(seq=5, id="dup", image=jpeg(5)),
+            pb.IngestItem(seq=6, id="dup", image=jpeg(6), caption="second"),
+            pb.IngestItem(seq=7, id="x7", image=jpeg(7)),
+            pb.IngestItem(seq=7, id="x7b", image=jpeg(8)),
+        ]
+    )
+    acks = acks_of(stub.Ingest(iter([options("one_message"), mixed]), timeout=60))
+    assert sorted(a.seq for a in acks) == [1, 2, 3, 4, 5, 6, 7, 7]
+    status = {(a.seq, a.id): a.status for a in acks}
+    failed = {key for key, s in status.items() if s == pb.INGEST_STATUS_FAILED}
+    assert {seq for seq, _ in failed} == {2, 3, 4}
+    assert all(a.error_code == 3 for a in acks if a.status == pb.INGEST_STATUS_FAILED)
+    assert stub.Count(pb.CountRequest(collection="one_message"), timeout=10).count == 4
+    got = stub.Get(
+        pb.GetRequest(collection="one_message", ids=["x1", "dup", "x7", "x7b"]), timeout=10
+    )
+    assert sorted(i.id for i in got.items) == ["dup", "x1", "x7", "x7b"]
+    assert [i.caption for i in got.items if i.id == "dup"] == ["second"]
+
+
+def test_items_acked_before_a_protocol_error_stay_stored(stub: pb_grpc.ClipSearchStub) -> None:
+    for late in (pb.IngestRequest(), options("kept")):
+        acked = threading.Event()
+
+        def requests(late: pb.IngestRequest = late, acked: threading.Event = acked) -> Any:
+            yield options("kept")
+            yield item(1, id="kept-1")
+            assert acked.wait(60)
+            yield late
+
+        got: list[pb.IngestAck] = []
+
+        def run(
+            r: Any = requests, a: threading.Event = acked, got: list[pb.IngestAck] = got
+        ) -> None:
+            for response in stub.Ingest(r(), timeout=60):
+                got.extend(response.acks)
+                a.set()
+
+        code, message = code_of(run)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "IngestOptions" in message
+        assert [(a.id, a.status) for a in got] == [("kept-1", pb.INGEST_STATUS_OK)]
+        stored = stub.Get(pb.GetRequest(collection="kept", ids=["kept-1"]), timeout=10)
+        assert [i.id for i in stored.items] == ["kept-1"]
+
+
+def test_a_message_of_more_items_than_the_window_and_one_too_large(tmp_path: Path) -> None:
+    small_settings = settings(tmp_path, ingest_window=4, max_message_mb=1)
+    with ThreadedServer(small_settings) as small, grpc.insecure_channel(small.address) as ch:
+        tiny = pb_grpc.ClipSearchStub(ch)
+        many = pb.IngestRequest(
+            items=[pb.IngestItem(seq=i, id=f"w{i}", image=jpeg(i)) for i in range(20)]
+        )
+        acks = acks_of(tiny.Ingest(iter([options("w"), many]), timeout=60))
+        assert sorted(a.seq for a in acks) == list(range(20))
+        assert {a.status for a in acks} == {pb.INGEST_STATUS_OK}
+        huge = item(99, id="huge", image=b"\0" * (1024 * 1024 + 1))
+        code, _ = code_of(lambda: acks_of(tiny.Ingest(iter([options("w"), huge]), timeout=30)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert tiny.Count(pb.CountRequest(collection="w"), timeout=10).count == 20
