@@ -333,16 +333,16 @@ class MessageBuilder:
     def __bool__(self) -> bool:
         return bool(self._items)
 
-    def fits(self, item: pb.IngestItem) -> bool:
-        """Whether `item` may join; an empty message takes any item."""
-        return not self._items or self._bytes + item.ByteSize() <= MAX_MESSAGE_BYTES
-
-    def add(self, item: pb.IngestItem) -> None:
+    def put(self, item: pb.IngestItem) -> Iterator[pb.IngestRequest]:
+        """Add `item`; yields what must go now: the message in hand if `item` would take it
+        past MAX_MESSAGE_BYTES (an empty message takes any item), then the new one if full."""
+        size = item.ByteSize()
+        if self._items and self._bytes + size > MAX_MESSAGE_BYTES:
+            yield self.take()
         self._items.append(item)
-        self._bytes += item.ByteSize()
-
-    def full(self) -> bool:
-        return len(self._items) >= MAX_ITEMS_PER_MESSAGE or self._bytes >= MAX_MESSAGE_BYTES
+        self._bytes += size
+        if len(self._items) >= MAX_ITEMS_PER_MESSAGE or self._bytes >= MAX_MESSAGE_BYTES:
+            yield self.take()
 
     def take(self) -> pb.IngestRequest:
         request = pb.IngestRequest(items=self._items)
@@ -355,6 +355,17 @@ def _next_in_memory(items: Iterator[IngestItem], state: IngestState) -> IngestIt
     if item is None:
         state.source_finished()
     return item
+
+
+def _registered(
+    state: IngestState, attempt: Attempt, item: IngestItem | None
+) -> tuple[int, IngestItem] | None:
+    """`item` with the seq `attempt` registered it under; None at the end of the source, or
+    if the attempt ended meanwhile (the item then waits for the next attempt)."""
+    if item is None:
+        return None
+    seq = state.register(attempt, item)
+    return None if seq is None else (seq, item)
 
 
 def _results(state: IngestState, response: pb.IngestResponse) -> Iterator[IngestResult]:
@@ -479,11 +490,7 @@ class SyncSender:
             if item is None:
                 slots.release()
                 continue
-            if not message.fits(item):
-                yield message.take()
-            message.add(item)
-            if message.full():
-                yield message.take()
+            yield from message.put(item)
 
     def next(
         self, attempt: Attempt, slots: threading.Semaphore, wait: bool
@@ -507,10 +514,7 @@ class SyncSender:
             if not wait:
                 slots.release()
                 return item
-        if item is None:
-            return None
-        seq = self._state.register(attempt, item)
-        return None if seq is None else (seq, item)
+        return _registered(self._state, attempt, item)
 
 
 class SyncIngestStream(IngestRun, Iterator[IngestResult]):
@@ -723,11 +727,8 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
             if item is None:
                 slots.release()
                 continue
-            if not message.fits(item):
-                yield message.take()
-            message.add(item)
-            if message.full():
-                yield message.take()
+            for request in message.put(item):
+                yield request
 
     async def _next(
         self, attempt: Attempt, slots: asyncio.Semaphore, wait: bool
@@ -748,7 +749,4 @@ class AsyncIngestStream(IngestRun, AsyncIterator[IngestResult]):
         if isinstance(item, _WouldBlock):
             slots.release()
             return item
-        if item is None:
-            return None
-        seq = self.state.register(attempt, item)
-        return None if seq is None else (seq, item)
+        return _registered(self.state, attempt, item)
