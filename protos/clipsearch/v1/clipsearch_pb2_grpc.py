@@ -128,7 +128,8 @@ class ClipSearchServicer:
     def Ingest(self, request_iterator, context):
         """Bulk ingestion. The first message carries IngestOptions, every later one one or
         more items. One IngestAck per item once it is written (or failed, or skipped); the
-        acks of items that finished together come in one IngestResponse.
+        acks of items that finished together come in one IngestResponse (a client that
+        reads a stream of bare IngestAck, as before that change, must be upgraded).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,7 +61,8 @@ class ClipSearchStub:
     Ingest: _grpc.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestResponse]
     """Bulk ingestion. The first message carries IngestOptions, every later one one or
     more items. One IngestAck per item once it is written (or failed, or skipped); the
-    acks of items that finished together come in one IngestResponse.
+    acks of items that finished together come in one IngestResponse (a client that
+    reads a stream of bare IngestAck, as before that change, must be upgraded).
     """
     Get: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.GetRequest, _clipsearch_pb2.GetResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_clipsearch_pb2.DeleteRequest, _clipsearch_pb2.DeleteResponse]
@@ -90,7 +91,8 @@ class ClipSearchAsyncStub(ClipSearchStub):
     Ingest: _aio.StreamStreamMultiCallable[_clipsearch_pb2.IngestRequest, _clipsearch_pb2.IngestResponse]  # type: ignore[assignment]
     """Bulk ingestion. The first message carries IngestOptions, every later one one or
     more items. One IngestAck per item once it is written (or failed, or skipped); the
-    acks of items that finished together come in one IngestResponse.
+    acks of items that finished together come in one IngestResponse (a client that
+    reads a stream of bare IngestAck, as before that change, must be upgraded).
     """
     Get: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.GetRequest, _clipsearch_pb2.GetResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_clipsearch_pb2.DeleteRequest, _clipsearch_pb2.DeleteResponse]  # type: ignore[assignment]
@@ -146,7 +148,8 @@ class ClipSearchServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_clipsearch_pb2.IngestResponse], _abc.AsyncIterator[_clipsearch_pb2.IngestResponse]]:
         """Bulk ingestion. The first message carries IngestOptions, every later one one or
         more items. One IngestAck per item once it is written (or failed, or skipped); the
-        acks of items that finished together come in one IngestResponse.
+        acks of items that finished together come in one IngestResponse (a client that
+        reads a stream of bare IngestAck, as before that change, must be upgraded).
         """
 
     @_abc_1.abstractmethod
