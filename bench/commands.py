@@ -109,10 +109,7 @@ def register(commands: Any) -> None:
             "item that the clipsearch server, the Milvus server and the client used in each phase."
         ),
     )
-    ingest.add_argument("--json", action="store_true", help="print the results as JSON")
-    ingest.add_argument("--count", type=int, default=10_000, help="items (default: 10000)")
-    ingest.add_argument("--no-server", action="store_true", help="skip the Milvus server")
-    ingest.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
+    _add_store_run_arguments(ingest, count=10_000)
     ingest.add_argument(
         "--no-memory", action="store_true", help="skip the pass with no store (memory:)"
     )
@@ -368,6 +365,14 @@ _run_ingest_vectors = _handler(
 )
 
 
+def _add_store_run_arguments(parser: argparse.ArgumentParser, count: int) -> None:
+    """The arguments of a benchmark that runs N items into Milvus Lite and a Milvus server."""
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--count", type=int, default=count, help=f"items (default: {count})")
+    parser.add_argument("--no-server", action="store_true", help="skip the Milvus server")
+    parser.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
+
+
 def _register_ingest_vectors(kinds: Any) -> None:
     vectors: argparse.ArgumentParser = kinds.add_parser(
         "ingest-vectors",
@@ -381,11 +386,8 @@ def _register_ingest_vectors(kinds: Any) -> None:
             "store's limit). Prints ingest_vs_raw_lite, ingest_vs_raw_server and every rate."
         ),
     )
-    vectors.add_argument("--json", action="store_true", help="print the results as JSON")
-    vectors.add_argument("--count", type=int, default=100_000, help="items (default: 100000)")
+    _add_store_run_arguments(vectors, count=100_000)
     vectors.add_argument("--model", default="", help="bundle to serve (default: the demo model)")
-    vectors.add_argument("--no-server", action="store_true", help="skip the Milvus server")
-    vectors.add_argument("--no-lite", action="store_true", help="skip Milvus Lite")
     vectors.set_defaults(handler=_run_ingest_vectors)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pymilvus import DataType, MilvusClient
 
 from clipsearch.bench.cpu import CpuSplit, measure_cpu
 from clipsearch.bench.milvus_server import MilvusServerProcess, required_milvus_server_executable
+from clipsearch.bench.report import print_report, ratio, rounded
 from clipsearch.client import Client
 from clipsearch.client.types import IngestItem, IngestResult
 from clipsearch.export.demo_data import (
@@ -229,8 +229,27 @@ def _with_cpu(
     return results[0], split
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
+def _encode_then_ingest(
+    stack: ExitStack,
+    uri: str,
+    store_pid: int | None,
+    *,
+    items: Sequence[DemoItem],
+    serve_args: Sequence[str],
+    cpu: dict[str, dict[str, float] | None],
+    store: str,
+) -> tuple[float, IngestRun, int]:
+    """In one `clipsearch serve` on store `uri`: the encoder-only rate, then ingest, each with
+    its CPU split in `cpu` (`encoder_STORE`, `ingest_STORE`); and the served dimension."""
+    serving = _serve(stack, uri, serve_args)
+    client = stack.enter_context(Client(serving.address, timeout=600))
+    list(client.encode_stream([[items[0].image], [items[0].caption]]))  # warm up
+    count = len(items)
+    encoder, split = _with_cpu(count, serving, store_pid, lambda: encoder_rate(client, items))
+    cpu[f"encoder_{store}"] = split.to_dict() if split else None
+    ingested, split = _with_cpu(count, serving, store_pid, lambda: ingest_rate(client, items))
+    cpu[f"ingest_{store}"] = split.to_dict() if split else None
+    return encoder, ingested, client.info().dim
 
 
 def run(
@@ -260,75 +279,67 @@ def run(
     raw_server: float | None = None
     encoder_beside_server: float | None = None
     cpu: dict[str, dict[str, float] | None] = {}
-    dim = 0
     if memory:
         with ExitStack() as stack:
-            serving = _serve(stack, IN_MEMORY_STORE, serve_args)
-            client = stack.enter_context(Client(serving.address, timeout=600))
-            list(client.encode_stream([[items[0].image], [items[0].caption]]))  # warm up
-            encoder_memory, split = _with_cpu(
-                count, serving, None, lambda: encoder_rate(client, items)
+            encoder_memory, memory_run, _ = _encode_then_ingest(
+                stack,
+                IN_MEMORY_STORE,
+                None,
+                items=items,
+                serve_args=serve_args,
+                cpu=cpu,
+                store="memory",
             )
-            cpu["encoder_memory"] = split.to_dict() if split else None
-            ingested, split = _with_cpu(count, serving, None, lambda: ingest_rate(client, items))
-            cpu["ingest_memory"] = split.to_dict() if split else None
-            log(f"ingest with no store (in memory): {ingested.items_per_s:.0f} items/s")
-            memory_run = ingested
+        log(f"ingest with no store (in memory): {memory_run.items_per_s:.0f} items/s")
     if lite:
         with ExitStack() as stack:
-            serving = _serve(stack, str(work / "lite.db"), serve_args)
-            client = stack.enter_context(Client(serving.address, timeout=600))
-            dim = client.info().dim
-            list(client.encode_stream([[items[0].image], [items[0].caption]]))  # warm up
-            encoder, split = _with_cpu(count, serving, None, lambda: encoder_rate(client, items))
-            cpu["encoder_lite"] = split.to_dict() if split else None
-            log(f"encoder only: {encoder:.0f} items/s")
-            ingested, split = _with_cpu(count, serving, None, lambda: ingest_rate(client, items))
-            cpu["ingest_lite"] = split.to_dict() if split else None
-            log(f"ingest into Milvus Lite: {ingested.items_per_s:.0f} items/s")
-            lite_run = ingested
+            encoder, lite_run, dim = _encode_then_ingest(
+                stack,
+                str(work / "lite.db"),
+                None,
+                items=items,
+                serve_args=serve_args,
+                cpu=cpu,
+                store="lite",
+            )
+        log(f"encoder only: {encoder:.0f} items/s")
+        log(f"ingest into Milvus Lite: {lite_run.items_per_s:.0f} items/s")
         raw_lite = raw_upsert_rate(str(work / "raw.db"), count, dim)
         log(f"raw pymilvus upserts into Milvus Lite: {raw_lite:.0f} items/s")
     if server:
         executable = required_milvus_server_executable()
         with ExitStack() as stack:
             milvus = stack.enter_context(MilvusServerProcess(work / "milvus", executable))
-            serving = _serve(stack, milvus.uri, serve_args)
-            client = stack.enter_context(Client(serving.address, timeout=600))
-            dim = client.info().dim
-            # Measured again beside the Milvus server, which takes CPU of its own even idle.
-            list(client.encode_stream([[items[0].image], [items[0].caption]]))
-            encoder_beside_server, split = _with_cpu(
-                count, serving, milvus.pid, lambda: encoder_rate(client, items)
+            # The encoder measured again beside the Milvus server, which takes CPU even idle.
+            encoder_beside_server, server_run, dim = _encode_then_ingest(
+                stack,
+                milvus.uri,
+                milvus.pid,
+                items=items,
+                serve_args=serve_args,
+                cpu=cpu,
+                store="server",
             )
-            cpu["encoder_server"] = split.to_dict() if split else None
             log(f"encoder only, beside the Milvus server: {encoder_beside_server:.0f} items/s")
-            ingested, split = _with_cpu(
-                count, serving, milvus.pid, lambda: ingest_rate(client, items)
-            )
-            cpu["ingest_server"] = split.to_dict() if split else None
-            log(f"ingest into a Milvus server: {ingested.items_per_s:.0f} items/s")
-            server_run = ingested
+            log(f"ingest into a Milvus server: {server_run.items_per_s:.0f} items/s")
             raw_server = raw_upsert_rate(milvus.uri, count, dim)
             log(f"raw pymilvus upserts into a Milvus server: {raw_server:.0f} items/s")
     memory_rate = memory_run.items_per_s if memory_run else None
     lite_rate = lite_run.items_per_s if lite_run else None
     server_rate = server_run.items_per_s if server_run else None
     report.update(
-        encoder_items_per_s=round(encoder, 1) if encoder else None,
-        encoder_memory_items_per_s=round(encoder_memory, 1) if encoder_memory else None,
-        ingest_memory_items_per_s=round(memory_rate, 1) if memory_rate else None,
-        encoder_beside_server_items_per_s=(
-            round(encoder_beside_server, 1) if encoder_beside_server else None
-        ),
-        ingest_lite_items_per_s=round(lite_run.items_per_s, 1) if lite_run else None,
-        ingest_server_items_per_s=round(server_run.items_per_s, 1) if server_run else None,
-        raw_upsert_lite_items_per_s=round(raw_lite, 1) if raw_lite else None,
-        raw_upsert_server_items_per_s=round(raw_server, 1) if raw_server else None,
-        ingest_vs_encoder_memory=_ratio(memory_rate, encoder_memory),
-        ingest_vs_encoder_lite=_ratio(lite_rate, encoder),
-        ingest_vs_encoder_server=_ratio(server_rate, encoder_beside_server),
-        ingest_vs_raw_lite=_ratio(lite_rate, raw_lite),
+        encoder_items_per_s=rounded(encoder),
+        encoder_memory_items_per_s=rounded(encoder_memory),
+        ingest_memory_items_per_s=rounded(memory_rate),
+        encoder_beside_server_items_per_s=rounded(encoder_beside_server),
+        ingest_lite_items_per_s=rounded(lite_rate),
+        ingest_server_items_per_s=rounded(server_rate),
+        raw_upsert_lite_items_per_s=rounded(raw_lite),
+        raw_upsert_server_items_per_s=rounded(raw_server),
+        ingest_vs_encoder_memory=ratio(memory_rate, encoder_memory),
+        ingest_vs_encoder_lite=ratio(lite_rate, encoder),
+        ingest_vs_encoder_server=ratio(server_rate, encoder_beside_server),
+        ingest_vs_raw_lite=ratio(lite_rate, raw_lite),
         memory=memory_run.to_dict() if memory_run else None,
         lite=lite_run.to_dict() if lite_run else None,
         server=server_run.to_dict() if server_run else None,
@@ -351,9 +362,5 @@ def main(args: argparse.Namespace) -> int:
             serve_args=args.serve_arg,
             log=log,
         )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key in RESULT_KEYS:
-            print(f"{key:32} {report[key]}")
+    print_report(report, RESULT_KEYS, args.json)
     return 0

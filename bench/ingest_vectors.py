@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 
 from clipsearch.bench.ingest import raw_upsert_rate
 from clipsearch.bench.milvus_server import MilvusServerProcess, required_milvus_server_executable
+from clipsearch.bench.report import print_report, ratio, rounded
 from clipsearch.client import Client
-from clipsearch.client.parquet import MODEL_ID_KEY
+from clipsearch.client.parquet import vectors_schema
 from clipsearch.client.sources import open_source
 from clipsearch.server.process import ServerProcess
 
@@ -65,17 +66,7 @@ def write_vectors_parquet(path: Path, count: int, dim: int, model_id: str) -> np
     """The benchmark's file; returns its image vectors (to check searches against)."""
     images = unit_vectors(count, dim, SEED)
     captions = unit_vectors(count, dim, SEED + 1)
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("uri", pa.string()),
-            ("caption", pa.string()),
-            ("metadata", pa.string()),
-            ("image_vector", pa.list_(pa.float32())),
-            ("caption_vector", pa.list_(pa.float32())),
-        ],
-        metadata={MODEL_ID_KEY: model_id.encode()},
-    )
+    schema = vectors_schema(model_id)
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, count, ROWS_PER_GROUP):
             stop = min(start + ROWS_PER_GROUP, count)
@@ -140,10 +131,6 @@ def _serve(stack: ExitStack, milvus_uri: str, model: str) -> Client:
     return stack.enter_context(Client(server.address, timeout=600))
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
-
-
 def run(
     count: int,
     work: Path,
@@ -195,12 +182,12 @@ def run(
     server_rate = server_run["items_per_s"] if server_run else None
     report.update(
         dim=dim,
-        ingest_lite_items_per_s=round(lite_rate, 1) if lite_rate else None,
-        ingest_server_items_per_s=round(server_rate, 1) if server_rate else None,
-        raw_upsert_lite_items_per_s=round(raw_lite, 1) if raw_lite else None,
-        raw_upsert_server_items_per_s=round(raw_server, 1) if raw_server else None,
-        ingest_vs_raw_lite=_ratio(lite_rate, raw_lite),
-        ingest_vs_raw_server=_ratio(server_rate, raw_server),
+        ingest_lite_items_per_s=rounded(lite_rate),
+        ingest_server_items_per_s=rounded(server_rate),
+        raw_upsert_lite_items_per_s=rounded(raw_lite),
+        raw_upsert_server_items_per_s=rounded(raw_server),
+        ingest_vs_raw_lite=ratio(lite_rate, raw_lite),
+        ingest_vs_raw_server=ratio(server_rate, raw_server),
         lite_seconds=round(lite_run["seconds"], 2) if lite_run else None,
         server_seconds=round(server_run["seconds"], 2) if server_run else None,
     )
@@ -220,9 +207,5 @@ def main(args: argparse.Namespace) -> int:
             lite=not args.no_lite,
             log=log,
         )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key in RESULT_KEYS:
-            print(f"{key:32} {report.get(key)}")
+    print_report(report, RESULT_KEYS, args.json)
     return 0

@@ -47,6 +47,23 @@ MODEL_ID_KEY = b"clipsearch.model_id"
 DEFAULT_CAPTION_FIELD = "caption"
 
 
+def vectors_schema(model_id: str | None) -> pa.Schema:
+    """The columns a file of vectors computed elsewhere has, for a writer: the layout this
+    module reads, with the model id in the schema's metadata when given."""
+    vector = pa.list_(pa.float32())
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("uri", pa.string()),
+            ("caption", pa.string()),
+            ("metadata", pa.string()),
+            (IMAGE_VECTOR, vector),
+            (CAPTION_VECTOR, vector),
+        ],
+        metadata={MODEL_ID_KEY: model_id.encode()} if model_id else None,
+    )
+
+
 @dataclass(frozen=True)
 class ParquetRow:
     """One row: `where` (FILE:ROW, rows counted from 1), its scalar columns with `metadata`

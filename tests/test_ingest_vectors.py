@@ -26,7 +26,7 @@ from server_fixtures import ThreadedServer, acks_of, quick_settings, served_mode
 from clipsearch.cli import main
 from clipsearch.client import AsyncClient, Client, IngestItem
 from clipsearch.client.errors import FailedPrecondition
-from clipsearch.client.parquet import MODEL_ID_KEY, parquet_items
+from clipsearch.client.parquet import parquet_items, vectors_schema
 from clipsearch.client.sources import RowError, open_source
 from clipsearch.server.app import Components, fake_components
 from clipsearch.server.bundle import load_bundle
@@ -369,17 +369,7 @@ def test_an_item_takes_exactly_one_image_source() -> None:
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], model_id: str | None) -> Path:
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("uri", pa.string()),
-            ("caption", pa.string()),
-            ("metadata", pa.string()),
-            ("image_vector", pa.list_(pa.float32())),
-            ("caption_vector", pa.list_(pa.float32())),
-        ],
-        metadata={MODEL_ID_KEY: model_id.encode()} if model_id else None,
-    )
+    schema = vectors_schema(model_id)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, row_group_size=64)
     return path
 
@@ -502,3 +492,14 @@ def test_fixed_size_and_float64_vector_columns_read_the_same(tmp_path: Path) -> 
         np.testing.assert_array_equal(item_.image_vector, vectors[i])
     np.testing.assert_array_equal(got[3].caption_vector, unit(9))
     assert [g.caption_vector is None for g in got] == [True, True, True, False, True]
+
+
+def test_bench_ingest_vectors_cli_prints_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "ingest-vectors", "--count", "40", "--no-server", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dim"] == 128
+    assert report["ingest_lite_items_per_s"] > 0 and report["raw_upsert_lite_items_per_s"] > 0
+    assert report["ingest_vs_raw_lite"] == pytest.approx(
+        report["ingest_lite_items_per_s"] / report["raw_upsert_lite_items_per_s"], abs=0.01
+    )
+    assert report["ingest_server_items_per_s"] is None and report["ingest_vs_raw_server"] is None
